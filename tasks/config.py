@@ -1,0 +1,235 @@
+"""Typed, frozen configuration: one dataclass per stage, strict parsing.
+
+Every stage reads exactly one section of the pipeline file. Unknown keys and wrong types raise
+``ConfigError`` whose message names the full key (``pretrain.lr: expected float, got 'fast'``), so the
+CLI can print one line and exit 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the offending key."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class CurateConfig:
+    input: str = ""  # image folder, Parquet file/folder, or fsspec URI; builtin://shapes for the sample
+    labels: str = "folder"  # "folder" (parent dir name), "none", or "column:<name>" for Parquet input
+    image_column: str = "image"  # bytes column for Parquet input
+    max_side: int = 256  # larger images are downscaled so the longest side is max_side (0: keep)
+    min_side: int = 8  # smaller images are quarantined
+    max_pixels: int = 40_000_000  # decompression-bomb limit, checked before decoding
+    shard_rows: int = 256
+    sample_size: int = 480  # built-in sample: number of images
+    sample_resolution: int = 64  # built-in sample: image side
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    encoder: str = "resnet18"  # timm model name
+    checkpoint: str = ""  # local checkpoint (state dict) or empty for random init
+    resolution: int = 64
+    k: int = 8
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    encoder: str = "vit_tiny_patch16_224"  # timm ViT name; GenView uses a large CLIP ViT
+    checkpoint: str = ""
+    resolution: int = 64  # must be a multiple of the patch size
+    encoder_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny random ViTs in tests)
+    foreground_fraction: float = 0.4  # share of patches called foreground (GenView README: ~40 %)
+    pca_sample: int = 256  # images used to fit the principal direction
+    batch_size: int = 64
+    gt_masks: str = ""  # folder of ground-truth masks (same relative paths, .png) to report IoU
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    generator: str = "none"  # "none": classic augmentations only (GenView off)
+    noise_bins: tuple = (0.2, 0.4, 0.6, 0.8, 1.0)  # right-closed bins on the foreground ratio
+    noise_levels: tuple = (0, 100, 200, 300, 400)
+    prob_generated: float = 1.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    method: str = "mocov2"
+    backbone: str = "resnet18"
+    backbone_kwargs: dict = field(default_factory=dict)
+    cifar_stem: bool = True  # 3x3 stride-1 stem without max-pool, for small images
+    resolution: int = 64
+    num_workers: int = 2
+    batch_size: int = 64  # global batch, split across workers
+    epochs: int = 10
+    max_steps: int = 0  # 0: epochs decide
+    lr: float = 0.06  # at batch 256; scaled linearly by the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    method_kwargs: dict = field(default_factory=dict)  # method-specific (e.g. queue_size, temperature)
+    log_every: int = 10
+    threads_per_worker: int = 1
+    register_model: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    resolution: int = 64
+    batch_size: int = 128
+    linear_epochs: int = 100
+    linear_lr: float = 0.1
+    test_fraction: float = 0.3  # held-out share of the labelled images (stratified)
+    baseline_random: bool = True  # also evaluate the randomly initialised backbone
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "sslforge"
+    experiment: str = "sslforge"
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+SECTIONS = ("curate", "cluster", "masks", "views", "pretrain", "evaluate")
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    else:  # pragma: no cover - only the types above are used in the sections
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, JSON-able dict (tuples become lists) of a config dataclass."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` → (["section", "key"], value); the value is read as YAML scalar/list."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected SECTION.KEY=VALUE")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else nxt
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+                node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_pipeline(raw: dict | None, overrides: list[str] = ()) -> PipelineConfig:
+    cfg = from_dict(PipelineConfig, apply_overrides(raw or {}, list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if not cfg.curate.input:
+        raise ConfigError("curate.input: required (an image folder, a Parquet path, a URI or builtin://shapes)")
+    if cfg.views.generator != "none":
+        raise ConfigError(f"views.generator: {cfg.views.generator!r} is not available yet (use 'none')")
+    if len(cfg.views.noise_bins) != len(cfg.views.noise_levels):
+        raise ConfigError("views.noise_levels: must have one level per entry of views.noise_bins")
+    if not 0.0 < cfg.masks.foreground_fraction < 1.0:
+        raise ConfigError("masks.foreground_fraction: must be in (0, 1)")
+    if cfg.pretrain.num_workers < 1:
+        raise ConfigError("pretrain.num_workers: must be >= 1")
+    if cfg.pretrain.batch_size % cfg.pretrain.num_workers:
+        raise ConfigError("pretrain.batch_size: must be divisible by pretrain.num_workers")
+    from tasks.pretrain.methods import METHODS
+
+    if cfg.pretrain.method not in METHODS:
+        raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r} (known: {', '.join(sorted(METHODS))})")
