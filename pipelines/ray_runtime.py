@@ -1,0 +1,89 @@
+"""Ray start-up / connection, and job submission to an existing cluster's job server."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from pipelines.dag import ROOT
+
+
+class RayRuntime:
+    """Starts (or connects to) Ray only when a stage actually has to run."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self.started = False
+
+    def ensure(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SSLFORGE_DEBUG", "OMP_NUM_THREADS") if k in os.environ}
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        t0 = time.time()
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, **kwargs)
+        self.started = True
+        ctx = ray.get_runtime_context()
+        print(f"[ray] {'connected to ' + address if address else 'local cluster started'} "
+              f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)) in {time.time() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+        del ctx
+
+    def shutdown(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+
+
+JOB_EXCLUDES = [".git", "sslforge-data", ".sslforge", "mlruns", "*.db", "bench-out", "__pycache__", ".venv", ".dvc/cache"]
+
+
+def submit_job(address: str, argv: list[str]) -> int:
+    """Submit ``sslforge`` with the same arguments (minus --address) as a Ray job and follow its logs."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--address":
+            skip = True
+            continue
+        if a.startswith("--address="):
+            continue
+        args.append(a)
+    import shlex
+
+    entry = f"{shlex.quote(sys.executable)} -m pipelines.cli " + " ".join(shlex.quote(a) for a in args)
+    client = JobSubmissionClient(address)
+    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SSLFORGE_DEBUG") if k in os.environ}
+    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT), "excludes": JOB_EXCLUDES,
+                                                               "env_vars": env_vars})
+    print(f"[ray] submitted job {job_id} to {address}", file=sys.stderr, flush=True)
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # noqa: BLE001 - log tailing is best effort; the status below decides
+        pass
+    while True:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    print(f"[ray] job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == JobStatus.SUCCEEDED else 1
