@@ -1,0 +1,95 @@
+"""Backbones by timm name, CIFAR-style stems for small images, and frozen feature extraction.
+
+Weights are never downloaded here: ``pretrained`` defaults to False. To start from published weights
+without network access, pass a local file, either our own ``checkpoint=`` (a state dict saved by
+``torch.save``) or timm's own mechanism through the keyword arguments::
+
+    build_backbone("resnet50", pretrained=True,
+                   pretrained_cfg_overlay={"file": "/data/weights/resnet50.safetensors"})
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+    # A 7x7/2 conv plus a 3x3/2 max-pool would shrink a 32-96 px image 4x before the first block,
+    # leaving almost no spatial extent at C5; the CIFAR stem keeps full resolution instead.
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if not isinstance(conv, nn.Conv2d) or pool is None:
+        raise ValueError(f"cifar_stem=True needs a ResNet with a single conv1 and a maxpool; {name!r} has none")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Strictly load a local state dict (raw, ``{"state_dict": ...}``, or with a DDP ``module.`` prefix)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not match the backbone (strict load): {err}") from err
+
+
+def build_backbone(name: str, *, cifar_stem: bool = False, checkpoint: str = "", **timm_kwargs) -> tuple[nn.Module, int]:
+    """``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)`` -> (model, feat_dim).
+
+    The model returns pooled features ``[B, feat_dim]``. ``checkpoint`` is loaded after the stem change,
+    so encoders exported from CIFAR-stem pretraining load back with ``cifar_stem=True``.
+    """
+    import timm
+
+    kwargs = {"pretrained": False, "num_classes": 0, **timm_kwargs}
+    model = timm.create_model(name, **kwargs)
+    if cifar_stem:
+        _apply_cifar_stem(model, name)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model, int(model.num_features)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 images ``BxHxWx3`` or ``Bx3xHxW`` -> float ``Bx3xHxW`` normalised with ImageNet mean/std."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images with 4 dims, got shape {tuple(x.shape)}")
+    if x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    else:
+        x = x.float()
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m).div_(s)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Pooled features ``[N, D]`` (float32, on CPU) in eval mode; the model's train/eval mode is restored.
+
+    uint8 images (``NxHxWx3`` or ``Nx3xHxW``) are normalised with :func:`normalize`; float images are
+    taken as already normalised. Features are not L2-normalised here (k-NN normalises itself).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size].to(device, non_blocking=True)
+            chunk = normalize(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+            out.append(model(chunk).flatten(1).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, 0)
+    finally:
+        model.train(was_training)
