@@ -49,6 +49,27 @@ _DAMAGE = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, str
 _OPEN_LOCK = threading.Lock()
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _sniff(data: bytes) -> str:
+    """Format named by the file's magic bytes ("" if none of ours)."""
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return ""
+
+
 def has_image_extension(name: str) -> bool:
     """True when ``name`` ends with one of SUPPORTED_EXTENSIONS (case-insensitive)."""
     dot = name.rfind(".")
@@ -152,6 +173,9 @@ def decode_image(data: bytes | None, source: str, *, max_side: int, min_side: in
         try:
             im = _open_header(io.BytesIO(data))
         except UnidentifiedImageError:
+            sniffed = _sniff(data)
+            if sniffed:  # a real image signature that PIL cannot parse: damaged, not foreign
+                return _reject(source, CORRUPT, f"{sniffed} signature but unparseable header", digest)
             return _reject(source, NOT_AN_IMAGE, "unrecognised image format", digest)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             return _reject(source, TOO_LARGE, str(exc), digest)
