@@ -40,7 +40,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: list[t
     out = model(views, step, max_steps)
     loss = out["loss"]
     loss.backward()
-    metrics = {k: float(v) for k, v in out.items()}
+    metrics = {k: float(v.detach()) for k, v in out.items()}
     if not math.isfinite(metrics["loss"]):
         raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
     optimizer.step()
