@@ -38,8 +38,18 @@ def _rgb(rec: dict) -> np.ndarray:
     return arr.astype(int)
 
 
-@pytest.fixture()
-def corpus(tmp_path):
+@pytest.fixture(params=["as_is", "simulated_non_root"])
+def corpus(request, tmp_path, monkeypatch):
+    if request.param == "simulated_non_root":
+        # as root, chmod 000 does not stop reads; pretend we are an ordinary user for the locked file
+        real_access = os.access
+
+        def access(path, mode, *a, **kw):
+            if str(path).endswith("locked.png") and mode & os.R_OK:
+                return False
+            return real_access(path, mode, *a, **kw)
+
+        monkeypatch.setattr(os, "access", access)
     root = tmp_path / "corpus"
     expected = make_hostile_corpus(str(root))
     yield str(root), expected
@@ -80,6 +90,10 @@ def test_hostile_corpus_full_accounting(corpus):
     for name in IGNORED:
         assert os.path.join(root, name) not in files
     assert dups[0]["reason"] == "duplicate: same content as good/a.png"
+    if os.access(os.path.join(root, "bad", "locked.png"), os.R_OK):
+        assert expected["bad/locked.png"] == "ok"
+    else:
+        assert expected["bad/locked.png"] == "unreadable"
 
 
 def test_hidden_and_non_image_entries_are_ignored(corpus):
@@ -204,9 +218,9 @@ def test_label_from_path_and_extensions():
     assert label_from_path("/data/a.jpg", "/data") == ""
     assert label_from_path("/data/train/n014/x.JPEG", "/data") == "n014"
     assert label_from_path("s3://bucket/imgs/dog/1.png", "s3://bucket/imgs") == "dog"
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"} == set(SUPPORTED_EXTENSIONS)
+    assert {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"} == set(SUPPORTED_EXTENSIONS)
     assert has_image_extension("A.JPEG") and has_image_extension("b.TiF") and not has_image_extension("c.txt")
-    assert not has_image_extension("jpg")
+    assert not has_image_extension("jpg") and not has_image_extension("x.")
 
 
 def test_read_bytes_never_raises(tmp_path):

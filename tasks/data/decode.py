@@ -26,9 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-)
+# Lower-case, without the dot (compare with ``os.path.splitext(p)[1].lower().lstrip(".")``).
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"})
 
 # Reason codes (the part before the colon in ``reason``).
 EMPTY = "empty"
@@ -73,7 +72,7 @@ def _sniff(data: bytes) -> str:
 def has_image_extension(name: str) -> bool:
     """True when ``name`` ends with one of SUPPORTED_EXTENSIONS (case-insensitive)."""
     dot = name.rfind(".")
-    return dot >= 0 and name[dot:].lower() in SUPPORTED_EXTENSIONS
+    return dot >= 0 and name[dot + 1:].lower() in SUPPORTED_EXTENSIONS
 
 
 def reason_code(reason: str) -> str:
