@@ -1,0 +1,36 @@
+"""Side-by-side benchmarks: ``python -m bench [NAME] [--quick]``.
+
+Each registered function prints one ``BENCH <figure> <value> <goal>`` line per figure it measures
+(comment lines start with ``#``). NAME selects a registry entry or any figure prefix ("mocov2").
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> "module:function"; functions take ``quick: bool``. Imported lazily (torch is slow to import).
+REGISTRY: dict[str, str] = {
+    "mocov2": "bench.mocov2:run",  # mocov2.step_over_backbone, mocov2.ours_over_lightly[...]
+    "aug": "bench.augment:run",  # aug.mocov2_ms_per_view
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("name", nargs="?", default="", help=f"one of {', '.join(REGISTRY)} (default: all)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
+    args = ap.parse_args(argv)
+    key = args.name.split(".")[0]
+    selected = [n for n in REGISTRY if not key or n == key]
+    if not selected:
+        ap.error(f"unknown benchmark {args.name!r}")
+    for name in selected:
+        module, fn = REGISTRY[name].split(":")
+        getattr(importlib.import_module(module), fn)(quick=args.quick)
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
