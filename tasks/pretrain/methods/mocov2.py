@@ -24,6 +24,8 @@ class MoCoV2(Method):
     ``momentum_cosine=True`` ramps m from ``momentum`` to 1 (BYOL-style) instead of keeping it constant.
     ``channels_last`` runs conv backbones in NHWC, which oneDNN (CPU) and cuDNN (AMP) convolve faster;
     it changes the memory layout only, not the computation.
+    Under DDP prefer ``broadcast_buffers=False``: every rank already holds the same queue (keys are
+    all-gathered before enqueue), and broadcasting it would copy ``queue_size x out_dim`` floats per step.
     """
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128,
