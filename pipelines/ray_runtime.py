@@ -87,3 +87,21 @@ def submit_job(address: str, argv: list[str]) -> int:
         time.sleep(1)
     print(f"[ray] job {job_id}: {status}", file=sys.stderr)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def actor_pool_size(limit: int = 0) -> int:
+    """Actors for a map stage: leave one CPU for the read/other tasks, or a small cluster deadlocks
+    (every CPU held by an idle actor while the read task that would feed it waits for one)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = max(1, cpus - 1)
+    return min(n, limit) if limit else n
+
+
+def read_stage(storage, stage: str, columns: list[str], table: str = "data"):
+    """A Ray Dataset over a committed stage table; read tasks take a fraction of a CPU (see above)."""
+    import ray
+
+    return ray.data.read_parquet(storage.table_paths(stage, table), columns=columns,
+                                 ray_remote_args={"num_cpus": 0.25})

@@ -25,6 +25,7 @@ class StageContext:
     run_id: str
     cache_key: str
     work_uri: str  # scratch space for resumable work (e.g. Ray Train checkpoints), kept across reruns
+    forced: bool = False  # --force: redo the work rather than resume it
 
     def log(self, msg: str) -> None:
         print(f"[{self.name}] {msg}", file=sys.stderr, flush=True)
@@ -42,13 +43,6 @@ class StageReport:
 
 def _stage_module(name: str):
     return importlib.import_module(f"pipelines.stages.{name}")
-
-
-def plan(cfg: PipelineConfig, storage: Storage, force: set[str], only: str | None) -> list[str]:
-    graph = dag.load_graph()
-    if only:
-        return [only]
-    return list(graph)
 
 
 def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, force: set[str] = frozenset(),
@@ -97,7 +91,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
                 writer = storage.writer(name)
                 with writer:
                     ctx = StageContext(name, getattr(cfg, name), cfg, storage, upstream, writer, tracker, run_id, key,
-                                       storage.uri_of(".work", name))
+                                       storage.uri_of(".work", name), name in force)
                     print(f"[{name}] running", file=sys.stderr, flush=True)
                     result = _stage_module(name).run(ctx) or {}
                     manifest = writer.commit({

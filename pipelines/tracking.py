@@ -120,11 +120,12 @@ class Tracker:
     def log_figure(self, fig, path: str) -> None:
         self.mlflow.log_figure(fig, path)
 
-    def log_encoder(self, model, registered_name: str | None) -> dict:
+    def log_encoder(self, model, registered_name: str | None, input_example=None) -> dict:
         """Log a torch encoder as an MLflow model (and register it); returns its URIs."""
         import mlflow.pytorch
 
-        info = mlflow.pytorch.log_model(model, name="encoder", registered_model_name=registered_name)
+        info = mlflow.pytorch.log_model(model, name="encoder", registered_model_name=registered_name,
+                                        input_example=input_example)
         out = {"model_uri": info.model_uri}
         if registered_name and getattr(info, "registered_model_version", None):
             out["registered"] = f"models:/{registered_name}/{info.registered_model_version}"

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines import sources
+from pipelines.ray_runtime import actor_pool_size
 from tasks.curation.dedup import dedup_table
 from tasks.data.decode import SUPPORTED_EXTENSIONS, decode_batch, label_from_path
 from tasks.data.listing import list_images
@@ -105,7 +106,7 @@ def run(ctx) -> dict:
     parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
     listing_rejects: list = []
     if os.path.isfile(uri) or uri.endswith(".parquet"):
-        ds = ray.data.read_parquet(uri, include_paths=True)
+        ds = ray.data.read_parquet(uri, include_paths=True, ray_remote_args={"num_cpus": 0.25})
         cols = ds.schema().names
         if cfg.image_column not in cols:
             from tasks.config import ConfigError
@@ -121,8 +122,8 @@ def run(ctx) -> dict:
             return {"source": names, "relpath": names, "bytes": list(batch[cfg.image_column]),
                     "label": [str(x) for x in batch[label_col]] if label_col else [""] * n}
 
-        ds = ds.map_batches(prep, batch_format="numpy").map_batches(DecodeColumn, fn_constructor_kwargs={"limits": limits},
-                                                                    concurrency=parallelism, batch_size=64)
+        ds = ds.map_batches(prep, batch_format="numpy", num_cpus=0.25).map_batches(
+            DecodeColumn, fn_constructor_kwargs={"limits": limits}, concurrency=actor_pool_size(), batch_size=64)
         seen_extra = 0
     else:
         files, listing_rejects, root, fs_uri = _list_input(uri, cfg.labels)
