@@ -79,6 +79,7 @@ class PretrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     method_kwargs: dict = field(default_factory=dict)  # method-specific (e.g. queue_size, temperature)
+    augment: dict = field(default_factory=dict)  # view augmentation overrides (tasks/data/transforms.py fields)
     log_every: int = 10
     threads_per_worker: int = 1
     register_model: bool = True

@@ -36,7 +36,7 @@ class ViewFeeder:
     """Background thread: per step, the worker's batch indices -> augmented views (prefetch 2)."""
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
-                 resolution: int, num_views: int):
+                 resolution: int, num_views: int, augment: dict):
         import numpy as np
         import torch
 
@@ -45,7 +45,8 @@ class ViewFeeder:
         self.np, self.torch = np, torch
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
-        self.views = TwoViews(MoCoV2Augment(size=resolution), seed=seed * 1000 + rank + 7919 * start_step,
+        self.views = TwoViews(MoCoV2Augment(size=resolution, **{k: tuple(v) if isinstance(v, list) else v
+                                                                     for k, v in augment.items()}), seed=seed * 1000 + rank + 7919 * start_step,
                               num_views=num_views)
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
@@ -58,7 +59,7 @@ class ViewFeeder:
         return glob[self.rank::self.world]  # each rank its slice of the global batch: global semantics
 
     def _work(self, start: int, stop: int) -> None:
-        self.torch.set_num_threads(1)
+        # (no torch.set_num_threads here: it is process-wide and would throttle the training step)
         for step in range(start, stop):
             idx = self.indices(step)
             self.q.put(self.views([self.images[j] for j in idx]))
@@ -88,7 +89,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(c["seed"])
     backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], **c["backbone_kwargs"])
     method = get_method(c["method"])(backbone, dim, **c["method_kwargs"])
-    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False, "broadcast_buffers": False}) \
         if world > 1 else method
     lr = scaled_lr(c["lr"], c["batch_size"])
     opt = build_optimizer(model, "sgd", lr, c["momentum"], c["weight_decay"])
@@ -110,7 +111,8 @@ def train_loop(config: dict) -> None:
     if rank == 0 and c.get("tracking_uri"):
         mlflow.set_tracking_uri(c["tracking_uri"])
         client = mlflow.MlflowClient()
-    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, c["resolution"], unwrap(model).num_views)
+    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, c["resolution"], unwrap(model).num_views,
+                        c["augment"])
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         views, wait = feeder.next()
