@@ -104,4 +104,4 @@ def read_stage(storage, stage: str, columns: list[str], table: str = "data"):
     import ray
 
     return ray.data.read_parquet(storage.table_paths(stage, table), columns=columns,
-                                 ray_remote_args={"num_cpus": 0.25})
+                                 num_cpus=0.25)

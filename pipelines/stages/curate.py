@@ -106,7 +106,7 @@ def run(ctx) -> dict:
     parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
     listing_rejects: list = []
     if os.path.isfile(uri) or uri.endswith(".parquet"):
-        ds = ray.data.read_parquet(uri, include_paths=True, ray_remote_args={"num_cpus": 0.25})
+        ds = ray.data.read_parquet(uri, include_paths=True, num_cpus=0.25)
         cols = ds.schema().names
         if cfg.image_column not in cols:
             from tasks.config import ConfigError

@@ -1,0 +1,139 @@
+"""End to end on a real local Ray cluster with real MLflow (SQLite store): run, cache, rerun, lineage."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipelines.cli import main
+from tests.conftest import write_pipeline
+
+STAGES = ["curate", "cluster", "masks", "views", "pretrain", "evaluate"]
+
+
+def _status(capsys) -> dict:
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] in STAGES and len(parts) >= 4:
+            rows[parts[0]] = parts[1]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tmp_path_factory):
+    import _pytest.capture  # noqa: F401
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    pipe = write_pipeline(tmp / "pipeline.yaml")
+    storage = tmp / "store"
+    args = [str(pipe), "--storage", str(storage)]
+    t0 = time.time()
+    assert main(["run", *args]) == 0
+    from tasks.store import Storage
+
+    first_ids = {s: Storage(str(storage)).manifest(s) for s in STAGES}
+    return tmp, pipe, storage, args, first_ids
+
+
+def test_first_run_produces_every_stage(first_run):
+    from tasks.store import Storage
+
+    tmp, pipe, storage, args, _ = first_run
+    st = Storage(str(storage))
+    for s in STAGES:
+        man = st.manifest(s)
+        assert man is not None, s
+        for key in ("schema_version", "rows", "content_hash", "upstream", "config", "code_version", "cache_key",
+                    "mlflow_run_id"):
+            assert key in man, (s, key)
+    cur = st.manifest("curate")["counts"]
+    assert cur == {"seen": 48, "kept": 48, "duplicates": 0, "quarantined": 0}
+    assert st.manifest("cluster")["counts"]["clusters"] == 3
+    assert st.read_table("cluster", "centroids").num_rows == 3
+    masks = st.read_table("masks")
+    assert masks.num_rows == 48 and 0.2 < sum(masks["fg_ratio"].to_pylist()) / 48 < 0.6
+    assert "gt_iou" in st.manifest("masks")["metrics"]
+    assert st.manifest("pretrain")["metrics"]["steps"] == 4
+    report = json.loads(st.read_file("evaluate", "report.json"))
+    assert {"random", "pretrained"} <= set(report["results"])
+    assert st.manifest("evaluate")["upstream"]["pretrain"] == st.manifest("pretrain")["content_hash"]
+
+
+def test_second_run_is_all_cached_and_fast(first_run, capsys):
+    tmp, pipe, storage, args, _ = first_run
+    capsys.readouterr()
+    t0 = time.time()
+    assert main(["run", *args]) == 0
+    elapsed = time.time() - t0
+    assert _status(capsys) == {s: "cached" for s in STAGES}
+    assert elapsed < 10, elapsed
+
+
+def test_config_change_reruns_that_stage_and_downstream_only(first_run, capsys):
+    tmp, pipe, storage, args, _ = first_run
+    capsys.readouterr()
+    assert main(["run", *args, "--set", "evaluate.knn_k=5"]) == 0
+    assert _status(capsys) == {**{s: "cached" for s in STAGES[:-1]}, "evaluate": "ran"}
+    # views depends on masks; masks' new threshold changes its content, so views..evaluate rerun, cluster stays
+    assert main(["run", *args, "--set", "evaluate.knn_k=5", "--set", "masks.foreground_fraction=0.3"]) == 0
+    got = _status(capsys)
+    assert got["curate"] == got["cluster"] == "cached"
+    assert got["masks"] == got["views"] == got["pretrain"] == got["evaluate"] == "ran"
+
+
+def test_force_and_single_stage(first_run, capsys):
+    tmp, pipe, storage, args, _ = first_run
+    base = [*args, "--set", "evaluate.knn_k=5", "--set", "masks.foreground_fraction=0.3"]
+    capsys.readouterr()
+    assert main(["run", *base, "--force", "cluster"]) == 0
+    got = _status(capsys)
+    assert got["cluster"] == "ran"  # deterministic output: the same content hash, so downstream stays cached
+    assert all(got[s] == "cached" for s in STAGES if s != "cluster")
+    assert main(["stage", "evaluate", *base, "--force", "evaluate"]) == 0
+    assert _status(capsys) == {"evaluate": "ran"}
+
+
+def test_stage_without_upstream_is_a_clear_error(ray_local, tmp_path, capsys):
+    pipe = write_pipeline(tmp_path / "p.yaml")
+    assert main(["stage", "evaluate", str(pipe), "--storage", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the output of 'curate'" in err
+
+
+def test_mlflow_lineage(first_run):
+    import mlflow
+
+    from tasks.store import Storage
+
+    tmp, pipe, storage, args, first = first_run
+    st = Storage(str(storage))
+    mlflow.set_tracking_uri(f"sqlite:///{storage}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("sslforge-tests")
+    ev_man = first["evaluate"]
+    ev = client.get_run(ev_man["mlflow_run_id"])
+    parent = ev.data.tags["mlflow.parentRunId"]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["sslforge.stage"] for r in children) == sorted(STAGES)
+    # walk back: evaluate -> pretrain run -> its inputs and config
+    pre_id = ev.data.tags["sslforge.upstream.pretrain.run_id"]
+    assert pre_id == first["pretrain"]["mlflow_run_id"]
+    pre = client.get_run(pre_id)
+    assert pre.data.params["method"] == "mocov2" and pre.data.params["backbone"] == "resnet10t"
+    digests = {d.dataset.name: d.dataset.digest for d in pre.inputs.dataset_inputs}
+    assert digests["curate-output"] == first["curate"]["content_hash"][:32]
+    assert digests["views-output"] == first["views"]["content_hash"][:32]
+    assert "loss" in pre.data.metrics
+    # the encoder is an MLflow model, registered
+    versions = client.search_model_versions("name = 'sslforge-encoder'")
+    assert any(v.run_id == pre_id for v in versions)
+    arts = [a.path for a in client.list_artifacts(pre_id)]
+    assert "manifest.json" in arts
+    # cached stage runs link the run that produced their output
+    assert main(["run", *args]) == 0
+    cached = client.search_runs([exp.experiment_id], "tags.`sslforge.cached` = 'true'")
+    assert cached and all(r.data.tags["sslforge.produced_by"] for r in cached)
+    assert ev.data.metrics["knn_top1"] >= 0
