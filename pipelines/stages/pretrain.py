@@ -123,6 +123,9 @@ def train_loop(config: dict) -> None:
         last = step + 1 == max_steps
         if rank == 0:
             history.append({"step": step, **{k: float(v) for k, v in m.items()}})
+            if step % c["log_every"] == 0 or last:
+                print(f"[pretrain] step {step + 1}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.4f} "
+                      f"{m['step_time']:.2f}s/step (waited {m['data_wait']:.2f}s for data)", flush=True)
             if client and (step % c["log_every"] == 0 or last):
                 ts = int(time.time() * 1000)
                 client.log_batch(c["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in m.items()])
