@@ -37,3 +37,30 @@ def bar_figure(values: dict[str, float], title: str):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def mask_grid_figure(images: list, masks: list, gt: list | None = None, title: str = "foreground masks"):
+    """Rows of (image | predicted mask overlay [| ground truth]) for a few images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(images)
+    cols = 3 if gt else 2
+    fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), dpi=100, squeeze=False)
+    for i in range(n):
+        img = np.asarray(images[i])
+        overlay = img.astype(float) / 255.0
+        m = np.asarray(masks[i], bool)
+        overlay[m] = 0.5 * overlay[m] + 0.5 * np.array([1.0, 0.2, 0.2])
+        panels = [img, overlay] + ([np.asarray(gt[i], float)] if gt else [])
+        for j, p in enumerate(panels):
+            axes[i, j].imshow(p, cmap="gray" if p.ndim == 2 else None)
+            axes[i, j].axis("off")
+    for j, name in enumerate(["image", "predicted fg"] + (["ground truth"] if gt else [])):
+        axes[0, j].set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -60,6 +60,7 @@ def run(ctx) -> dict:
     metrics = {"fg_ratio_mean": float(np.mean(table["fg_ratio"].to_numpy())), "alpha": alpha,
                "explained_variance": stats["explained_variance"]}
     gt = _gt_folder(ctx)
+    gt_masks: dict = {}
     if gt and os.path.isdir(gt):
         rel = dict(zip(curate["id"].to_pylist(), curate["relpath"].to_pylist()))
         scores = []
@@ -67,9 +68,22 @@ def run(ctx) -> dict:
             path = os.path.join(gt, os.path.splitext(rel[i])[0] + ".png")
             if os.path.exists(path):
                 with open(path, "rb") as f:
-                    g = to_square(f.read(), cfg.resolution)[..., 0] > 127
-                scores.append(iou(png_to_mask(m), g))
+                    gt_masks[i] = to_square(f.read(), cfg.resolution)[..., 0] > 127
+                scores.append(iou(png_to_mask(m), gt_masks[i]))
         if scores:
             metrics["gt_iou"] = float(np.mean(scores))
             ctx.log(f"mean IoU against ground-truth masks ({len(scores)} images): {metrics['gt_iou']:.3f}")
+    _log_grid(ctx, curate, table, gt_masks)
     return {"counts": {"images": table.num_rows}, "metrics": metrics}
+
+
+def _log_grid(ctx, curate, table, gt_masks: dict, n: int = 8) -> None:
+    from pipelines.plots import mask_grid_figure
+    from tasks.data.images import png_to_mask, to_square
+
+    images = dict(zip(curate["id"].to_pylist(), curate["image"].to_pylist()))
+    ids = table["id"].to_pylist()[:n]
+    masks = table["mask"].to_pylist()[:n]
+    fig = mask_grid_figure([to_square(images[i], ctx.cfg.resolution) for i in ids], [png_to_mask(m) for m in masks],
+                           [gt_masks[i] for i in ids] if all(i in gt_masks for i in ids) else None)
+    ctx.tracker.log_figure(fig, "masks_grid.png")
