@@ -25,14 +25,21 @@ def check_input(uri: str) -> None:
         raise ConfigError(f"curate.input: {uri!r} does not exist")
 
 
-def materialize_builtin(uri: str, storage_root: str, n: int, resolution: int, seed: int = 0) -> str:
-    """Write the procedural sample under the storage root (idempotent) and return its image folder."""
+def _sample_folder(storage, n: int, resolution: int, seed: int) -> str:
+    # the sample is a local folder: under a local storage root, else in ./.sslforge (remote roots are read
+    # by path through pyarrow, a generated sample does not need to live there)
+    base = storage.root if storage.is_local else os.path.abspath(".sslforge")
+    return os.path.join(base, ".builtin", f"shapes-{n}-{resolution}-{seed}")
+
+
+def materialize_builtin(storage, n: int, resolution: int, seed: int = 0) -> str:
+    """Write the procedural sample (idempotent) and return its image folder."""
     from tasks.data.sample import write_sample
 
-    folder = os.path.join(storage_root, ".builtin", f"shapes-{n}-{resolution}-{seed}")
+    folder = _sample_folder(storage, n, resolution, seed)
     write_sample(folder, n=n, resolution=resolution, seed=seed)
-    return folder
+    return os.path.join(folder, "images")
 
 
-def builtin_masks_folder(storage_root: str, n: int, resolution: int, seed: int = 0) -> str:
-    return os.path.join(storage_root, ".builtin", f"shapes-{n}-{resolution}-{seed}", "masks")
+def builtin_masks_folder(storage, n: int, resolution: int, seed: int = 0) -> str:
+    return os.path.join(_sample_folder(storage, n, resolution, seed), "masks")

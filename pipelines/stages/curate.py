@@ -101,8 +101,7 @@ def run(ctx) -> dict:
     limits = dict(max_side=cfg.max_side, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
     uri = cfg.input
     if sources.is_builtin(uri):
-        uri = os.path.join(sources.materialize_builtin(uri, ctx.storage.root, cfg.sample_size, cfg.sample_resolution),
-                           "images")
+        uri = sources.materialize_builtin(ctx.storage, cfg.sample_size, cfg.sample_resolution)
     parallelism = max(2, int(ray.cluster_resources().get("CPU", 2)))
     listing_rejects: list = []
     if os.path.isfile(uri) or uri.endswith(".parquet"):

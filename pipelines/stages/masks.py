@@ -29,7 +29,7 @@ def _fit_task(images: list, cfg) -> tuple:
 def _gt_folder(ctx) -> str:
     cfg, cur = ctx.cfg, ctx.pipeline.curate
     if cfg.gt_masks == "builtin" or (not cfg.gt_masks and sources.is_builtin(cur.input)):
-        return sources.builtin_masks_folder(ctx.storage.root, cur.sample_size, cur.sample_resolution)
+        return sources.builtin_masks_folder(ctx.storage, cur.sample_size, cur.sample_resolution)
     return cfg.gt_masks
 
 
