@@ -21,12 +21,17 @@ class RayRuntime:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        # the dashboard serves the State API that Ray Train's placement-group cleaner polls; without it that
+        # actor logs a warning every few seconds
+        kwargs = dict(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SSLFORGE_DEBUG", "OMP_NUM_THREADS") if k in os.environ}
         runtime_env = {"env_vars": env_vars} if env_vars else None
         address = self.address or os.environ.get("RAY_ADDRESS")
         t0 = time.time()
         if address:
+            # inside a Ray job the job's runtime env (working_dir, env_vars) is merged with ours; the same env var
+            # in both is a conflict unless overriding is allowed (ours carry the same values)
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
         else:
             ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, **kwargs)
