@@ -21,9 +21,9 @@ class RayRuntime:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        # the dashboard serves the State API that Ray Train's placement-group cleaner polls; without it that
-        # actor logs a warning every few seconds
-        kwargs = dict(include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        # No dashboard for the local cluster (start-up time and memory); Ray Train's placement-group cleaner
+        # then warns that the State API is unavailable, which is harmless.
+        kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SSLFORGE_DEBUG", "OMP_NUM_THREADS") if k in os.environ}
         runtime_env = {"env_vars": env_vars} if env_vars else None
         address = self.address or os.environ.get("RAY_ADDRESS")
