@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install quickstart test test-slow bench clean
 

@@ -114,6 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(e).__name__}: {e} (set SSLFORGE_DEBUG=1 for the traceback)", 1)
 
 
+def _leave_job_working_dir(storage) -> None:
+    """Inside a submitted Ray job the cwd is the job's unpacked working_dir, which Ray may garbage-collect
+    while the driver still runs (seen with Ray 2.60 once the Train workers exit: ``os.getcwd()`` then fails
+    inside torch imports). Import what the driver needs while it exists, then work from the storage root."""
+    if "runtime_resources" not in os.getcwd():
+        return
+    import importlib
+
+    import torch  # noqa: F401 - before ray, see RayRuntime.ensure
+
+    from pipelines.dag import load_graph
+
+    for name in load_graph():
+        importlib.import_module(f"pipelines.stages.{name}")
+    for mod in ("pipelines.plots", "tasks.evaluate.classification", "mlflow.pytorch", "timm", "torchvision"):
+        importlib.import_module(mod)
+    if storage.is_local:
+        os.chdir(storage.root)
+
+
 def _run_local(args, cfg, argv) -> int:
     from pipelines.ray_runtime import RayRuntime
     from pipelines.runner import format_summary, run_pipeline
@@ -121,6 +141,7 @@ def _run_local(args, cfg, argv) -> int:
     from tasks.store import Storage
 
     storage = Storage(args.storage)
+    _leave_job_working_dir(storage)
     tracking_uri = args.tracking_uri or default_tracking_uri(storage.uri)
     check_reachable(tracking_uri)
     t0 = time.time()

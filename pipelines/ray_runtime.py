@@ -16,6 +16,9 @@ class RayRuntime:
         self.started = False
 
     def ensure(self) -> None:
+        # torch before ray: loaded after Ray's native libraries (as in a Ray job's driver), libtorch_cpu can
+        # fail to dlopen ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", static TLS exhausted)
+        import torch  # noqa: F401
         import ray
 
         if ray.is_initialized():

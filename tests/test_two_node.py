@@ -25,7 +25,8 @@ import pytest
 from tests.conftest import ROOT, free_port, have, write_pipeline
 
 STAGES = ["curate", "cluster", "masks", "views", "pretrain", "evaluate"]
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have("ray"), reason="needs the ray CLI")]
+RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
+pytestmark = [pytest.mark.skipif(not os.path.exists(RAY_BIN), reason="needs the ray CLI beside this Python")]
 
 
 def _procs_with(marker: str) -> list[int]:
@@ -57,10 +58,11 @@ def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("two_node_logs")
     temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: unix socket paths are limited to ~107 chars
     gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     mem = ["--memory", str(3 * 2**30), "--object-store-memory", str(300 * 2**20)]
-    ray = shutil.which("ray")
+    ray = RAY_BIN
 
     def node_ports() -> list[str]:
         # every node's agents get their own free ports: the defaults (dashboard agent 52365, ray client 10001,
