@@ -17,7 +17,7 @@ from tests.conftest import ROOT, have, write_pipeline
 
 STAGES = ["curate", "cluster", "masks", "views", "pretrain", "evaluate"]
 BIN = str(Path(sys.executable).parent)
-# slow: six `sslforge stage` processes, each importing torch and starting its own local Ray (~2.5-5.5 min on 2 cores)
+# six `sslforge stage` processes, each importing torch and starting its own local Ray (~2.5-5.5 min on 2 cores)
 pytestmark = [
               pytest.mark.skipif(not (have("git") and os.path.exists(os.path.join(BIN, "dvc"))),
                                  reason="needs git and dvc")]
