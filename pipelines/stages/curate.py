@@ -81,7 +81,7 @@ def _merge(batch: dict, sub: dict, read_fail: dict, limits: dict) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=OUT_SCHEMA)
 
 
-def _list_input(uri: str, labels: str):
+def _list_input(uri: str):
     """Return (items table for Ray Data, listing rejections, filesystem uri or None)."""
     if "://" in uri and not uri.startswith("file://"):
         fs, root = pafs.FileSystem.from_uri(uri)
@@ -125,7 +125,7 @@ def run(ctx) -> dict:
             DecodeColumn, fn_constructor_kwargs={"limits": limits}, concurrency=actor_pool_size(), batch_size=64)
         seen_extra = 0
     else:
-        files, listing_rejects, root, fs_uri = _list_input(uri, cfg.labels)
+        files, listing_rejects, root, fs_uri = _list_input(uri)
         items = [{"source": f, "relpath": os.path.relpath(f, root),
                   "label": label_from_path(f, root) if cfg.labels == "folder" else ""} for f in files]
         ctx.log(f"{len(files)} image files listed under {uri} ({len(listing_rejects)} rejected while listing)")

@@ -60,7 +60,7 @@ def run(ctx) -> dict:
               "pretrain_content_hash": pre["content_hash"]}
     ctx.writer.write_file("report.json", json.dumps(report, indent=2).encode())
     ctx.tracker.log_dict(report, "report.json")
-    metrics = {f"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]}
+    metrics = {"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]}
     if "random" in res:
         metrics.update(knn_top1_random=res["random"]["knn_top1"], linear_top1_random=res["random"]["linear_top1"])
         from pipelines.plots import bar_figure
