@@ -39,11 +39,9 @@ class RayRuntime:
         else:
             ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, **kwargs)
         self.started = True
-        ctx = ray.get_runtime_context()
         print(f"[ray] {'connected to ' + address if address else 'local cluster started'} "
               f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)) in {time.time() - t0:.1f}s",
               file=sys.stderr, flush=True)
-        del ctx
 
     def shutdown(self) -> None:
         if self.started:

@@ -71,5 +71,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def procs_with(marker: str) -> dict[int, str]:
+    """Processes (pid -> command line) whose command line mentions ``marker``, e.g. a private Ray temp dir."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found[int(pid)] = cmd[:160]
+    return found
+
+
 def have(cmd: str) -> bool:
     return shutil.which(cmd) is not None

@@ -12,26 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-from tests.conftest import ROOT, write_pipeline
+from tests.conftest import ROOT, procs_with, write_pipeline
 
 MAX_STEPS = 40
-
-
-def _procs_with(marker: str) -> list[str]:
-    """Processes whose command line mentions ``marker`` (our private Ray temp dir)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            found.append(f"{pid}: {cmd[:160]}")
-    return found
 
 
 def _pgroup_alive(pgid: int) -> bool:
@@ -77,10 +61,10 @@ def test_pretrain_resumes_after_sigkill(tmp_path):
         t_kill = time.time() - t0
         # nothing of that run survives: not its process group, not a raylet/gcs/worker of its Ray session
         deadline = time.time() + 30
-        while time.time() < deadline and (_pgroup_alive(p.pid) or _procs_with(ray_tmp)):
+        while time.time() < deadline and (_pgroup_alive(p.pid) or procs_with(ray_tmp)):
             time.sleep(0.5)
         assert not _pgroup_alive(p.pid), "processes of the killed run's group are still alive"
-        assert not _procs_with(ray_tmp), _procs_with(ray_tmp)
+        assert not procs_with(ray_tmp), procs_with(ray_tmp)
         # atomic commit: no visible pretrain output, the upstream stages are committed
         assert not (storage / "pretrain").exists()
         assert (storage / "views" / "manifest.json").exists()
@@ -104,10 +88,10 @@ def test_pretrain_resumes_after_sigkill(tmp_path):
         assert (storage / "evaluate" / "manifest.json").exists()
         print(f"\nkilled after {t_kill:.1f}s at a checkpoint; resumed from step {resumed}, rerun took {t_resume:.1f}s")
     finally:
-        left = _procs_with(ray_tmp)
-        for line in left:  # only processes of our own private Ray session
+        left = procs_with(ray_tmp)
+        for pid in left:  # only processes of our own private Ray session
             try:
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -22,24 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, have, write_pipeline
+from tests.conftest import ROOT, free_port, procs_with, write_pipeline
 
 STAGES = ["curate", "cluster", "masks", "views", "pretrain", "evaluate"]
 RAY_BIN = os.path.join(os.path.dirname(sys.executable), "ray")
 pytestmark = [pytest.mark.skipif(not os.path.exists(RAY_BIN), reason="needs the ray CLI beside this Python")]
-
-
-def _procs_with(marker: str) -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -132,9 +119,9 @@ def two_nodes(tmp_path_factory):
                 pass
         # the worker node's processes name the head's session dir (under our temp dir) too
         deadline = time.time() + 20
-        while _procs_with(temp) and time.time() < deadline:
+        while procs_with(temp) and time.time() < deadline:
             time.sleep(0.5)
-        for pid in _procs_with(temp):
+        for pid in procs_with(temp):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
