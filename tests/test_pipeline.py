@@ -24,13 +24,10 @@ def _status(capsys) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, tmp_path_factory):
-    import _pytest.capture  # noqa: F401
-
     tmp = tmp_path_factory.mktemp("pipe")
     pipe = write_pipeline(tmp / "pipeline.yaml")
     storage = tmp / "store"
     args = [str(pipe), "--storage", str(storage)]
-    t0 = time.time()
     assert main(["run", *args]) == 0
     from tasks.store import Storage
 
@@ -106,10 +103,7 @@ def test_stage_without_upstream_is_a_clear_error(ray_local, tmp_path, capsys):
 def test_mlflow_lineage(first_run):
     import mlflow
 
-    from tasks.store import Storage
-
     tmp, pipe, storage, args, first = first_run
-    st = Storage(str(storage))
     mlflow.set_tracking_uri(f"sqlite:///{storage}/mlflow.db")
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("sslforge-tests")

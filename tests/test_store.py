@@ -5,7 +5,6 @@ import json
 import os
 
 import pyarrow as pa
-import pytest
 
 from tasks.store import MANIFEST, Storage, cache_key
 
