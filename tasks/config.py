@@ -234,3 +234,12 @@ def validate(cfg: PipelineConfig) -> None:
 
     if cfg.pretrain.method not in METHODS:
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r} (known: {', '.join(sorted(METHODS))})")
+    bad = sorted(set(cfg.pretrain.augment) - AUGMENT_FIELDS)
+    if bad:
+        raise ConfigError(f"pretrain.augment.{bad[0]}: unknown augmentation option "
+                          f"(known: {', '.join(sorted(AUGMENT_FIELDS))})")
+
+
+# Fields of tasks.data.transforms.Augment that pretrain.augment may override (kept here so validating a config
+# does not import torch; tests/test_config.py checks the two agree).
+AUGMENT_FIELDS = frozenset({"scale", "ratio", "jitter", "p_jitter", "p_grey", "p_blur", "sigma", "p_solarize", "p_flip"})

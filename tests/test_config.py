@@ -77,3 +77,17 @@ def test_help_is_quick():
         code, out, _ = run_cli(*args)
         assert code == 0 and "usage" in out
         assert time.time() - t0 < 10
+
+
+def test_augment_fields_match_the_augment_dataclass():
+    import dataclasses
+
+    from tasks.config import AUGMENT_FIELDS
+    from tasks.data.transforms import Augment
+
+    assert AUGMENT_FIELDS == {f.name for f in dataclasses.fields(Augment)} - {"size"}
+
+
+def test_unknown_augment_option_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"pretrain\.augment\.blurr"):
+        load_pipeline({"curate": {"input": "x"}}, ["pretrain.augment={scale: [0.5, 1.0], blurr: 0.3}"])

@@ -36,18 +36,15 @@ class ViewFeeder:
     """Background thread: per step, the worker's batch indices -> augmented views (prefetch 2)."""
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
-                 resolution: int, num_views: int, augment: dict):
+                 augments: list):
         import numpy as np
-        import torch
 
-        from tasks.data.transforms import MoCoV2Augment, TwoViews
+        from tasks.data.transforms import MultiView
 
-        self.np, self.torch = np, torch
+        self.np = np
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
-        self.views = TwoViews(MoCoV2Augment(size=resolution, **{k: tuple(v) if isinstance(v, list) else v
-                                                                     for k, v in augment.items()}), seed=seed * 1000 + rank + 7919 * start_step,
-                              num_views=num_views)
+        self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
         self.t.start()
@@ -77,6 +74,7 @@ def train_loop(config: dict) -> None:
     import torch
     from mlflow.entities import Metric
 
+    from tasks.data.transforms import with_overrides
     from tasks.models.backbone import build_backbone
     from tasks.pretrain.loop import build_optimizer, train_step, unwrap
     from tasks.pretrain.methods import get_method
@@ -111,8 +109,8 @@ def train_loop(config: dict) -> None:
     if rank == 0 and c.get("tracking_uri"):
         mlflow.set_tracking_uri(c["tracking_uri"])
         client = mlflow.MlflowClient()
-    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, c["resolution"], unwrap(model).num_views,
-                        c["augment"])
+    augments = with_overrides(unwrap(model).view_augments(c["resolution"]), c["augment"])
+    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments)
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         views, wait = feeder.next()

@@ -1,4 +1,5 @@
-"""MoCo v2 "aug+" augmentations on uint8 images, with an optional seeded generator.
+"""View augmentations on uint8 images (MoCo v2 aug+, BYOL/MoCo v3 asymmetric pairs, SwAV multi-crop),
+with an optional seeded generator, and the crop geometry of every view (GenView's masks follow it).
 
 Random parameters are drawn from a ``torch.Generator`` we pass around (torchvision's transform classes
 draw from the global RNG), then applied with ``torchvision.transforms.v2.functional`` kernels. The crop
@@ -6,6 +7,7 @@ is done first so every later op runs at the output resolution; pixels become flo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,10 +57,22 @@ def random_resized_crop_params(h: int, w: int, scale, ratio, gen) -> tuple[int, 
 
 
 @dataclass(frozen=True)
-class MoCoV2Augment:
-    """MoCo v2 aug+ (Chen et al. 2020, arXiv 2003.04297): RRC scale (0.2, 1); colour jitter
-    (0.4, 0.4, 0.4, 0.1) in random order with p 0.8; greyscale p 0.2; Gaussian blur sigma ~ U[0.1, 2]
-    with p 0.5 and an odd kernel of about 10 % of ``size``; horizontal flip p 0.5.
+class Geometry:
+    """Where a view came from: the crop box in source pixels and whether it was flipped afterwards."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flipped: bool
+
+
+@dataclass(frozen=True)
+class Augment:
+    """One view's recipe. Defaults = MoCo v2 aug+ (Chen et al. 2020, arXiv 2003.04297): RRC scale
+    (0.2, 1); colour jitter (0.4, 0.4, 0.4, 0.1) in random order with p 0.8; greyscale p 0.2; Gaussian blur
+    sigma ~ U[0.1, 2] with p 0.5 and an odd kernel of about 10 % of ``size``; no solarisation; horizontal
+    flip p 0.5. The presets below change fields for the other methods.
 
     ``img -> float 3 x size x size in [0, 1]``; :meth:`batch` stacks and ImageNet-normalises.
     """
@@ -71,6 +85,7 @@ class MoCoV2Augment:
     p_grey: float = 0.2
     p_blur: float = 0.5
     sigma: tuple[float, float] = (0.1, 2.0)
+    p_solarize: float = 0.0  # solarise (invert pixels >= 0.5) with this probability (BYOL / MoCo v3 view 2)
     p_flip: float = 0.5
 
     @property
@@ -78,6 +93,10 @@ class MoCoV2Augment:
         return max(3, int(0.1 * self.size) // 2 * 2 + 1)
 
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(img, generator)[0]
+
+    def apply(self, img, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Geometry]:
+        """The view and its :class:`Geometry`. The random draws are the same as ``__call__``'s."""
         g = generator
         x = _to_chw(img)
         top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale, self.ratio, g)
@@ -90,9 +109,12 @@ class MoCoV2Augment:
         if float(torch.rand((), generator=g)) < self.p_blur:
             s = _uniform(g, *self.sigma)
             x = TF.gaussian_blur(x, [self.kernel_size, self.kernel_size], [s, s])
-        if float(torch.rand((), generator=g)) < self.p_flip:
+        if self.p_solarize > 0 and float(torch.rand((), generator=g)) < self.p_solarize:
+            x = TF.solarize(x, 0.5)
+        flipped = float(torch.rand((), generator=g)) < self.p_flip
+        if flipped:
             x = TF.horizontal_flip(x)
-        return x
+        return x, Geometry(top, left, h, w, flipped)
 
     def _color_jitter(self, x: torch.Tensor, g) -> torch.Tensor:
         b, c, s, h = self.jitter
@@ -109,22 +131,87 @@ class MoCoV2Augment:
 
     def batch(self, images, generator: torch.Generator | None = None) -> torch.Tensor:
         """List of HxWx3 uint8 images -> ImageNet-normalised float ``[B, 3, size, size]``."""
-        out = torch.stack([self(im, generator) for im in images])
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return out.sub_(mean).div_(std)
+        return normalize_batch([self(im, generator) for im in images])
 
 
-class TwoViews:
-    """Two independent augmentations of every image: ``images -> [view0 [B,3,S,S], view1 [B,3,S,S]]``.
+MoCoV2Augment = Augment  # the defaults are MoCo v2's aug+
+
+
+def normalize_batch(views: list[torch.Tensor]) -> torch.Tensor:
+    """Stack float [0, 1] CHW views and ImageNet-normalise them."""
+    out = torch.stack(views)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return out.sub_(mean).div_(std)
+
+
+class MultiView:
+    """One view per :class:`Augment` for every image: ``images -> [view_i [B, 3, S_i, S_i] for each aug]``.
 
     ``seed`` makes the whole sequence of calls reproducible (one generator owned by this object).
+    ``with_geometry=True`` also returns, per view, the list of each image's :class:`Geometry`.
     """
 
-    def __init__(self, transform: MoCoV2Augment, seed: int | None = None, num_views: int = 2):
-        self.transform = transform
-        self.num_views = num_views
+    def __init__(self, augments: list[Augment], seed: int | None = None):
+        if not augments:
+            raise ValueError("MultiView needs at least one Augment")
+        self.augments = list(augments)
+        self.num_views = len(self.augments)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def __call__(self, images) -> list[torch.Tensor]:
-        return [self.transform.batch(images, self.generator) for _ in range(self.num_views)]
+    def __call__(self, images, with_geometry: bool = False):
+        views, geoms = [], []
+        for aug in self.augments:
+            pairs = [aug.apply(im, self.generator) for im in images]
+            views.append(normalize_batch([p[0] for p in pairs]))
+            geoms.append([p[1] for p in pairs])
+        return (views, geoms) if with_geometry else views
+
+
+class TwoViews(MultiView):
+    """The same augmentation ``num_views`` times (MoCo v2's symmetric pair)."""
+
+    def __init__(self, transform: Augment, seed: int | None = None, num_views: int = 2):
+        super().__init__([transform] * num_views, seed)
+        self.transform = transform
+
+
+def with_overrides(augments: list[Augment], overrides: dict) -> list[Augment]:
+    """Apply a pipeline's ``pretrain.augment`` overrides (field -> value) to every view but its size.
+
+    Unknown fields raise ``ValueError`` naming them; lists become tuples (YAML has no tuples).
+    """
+    names = {f.name for f in dataclasses.fields(Augment)} - {"size"}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ValueError(f"unknown augment option(s) {', '.join(bad)} (known: {', '.join(sorted(names))})")
+    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return [dataclasses.replace(a, **clean) for a in augments]
+
+
+# ---- presets: one per recipe in METHODS.md; methods pick theirs in ``Method.view_augments``.
+
+def mocov2_views(size: int) -> list[Augment]:
+    """MoCo v2 aug+ twice (METHODS.md 7.1)."""
+    return [Augment(size=size)] * 2
+
+
+def byol_views(size: int, min_scale: float = 0.08) -> list[Augment]:
+    """BYOL / MoCo v3 asymmetric pair (METHODS.md 7.2, 7.3): jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grey 0.2,
+    flip; view 1 blur p 1.0, no solarisation; view 2 blur p 0.1, solarise p 0.2. RRC (min_scale, 1)."""
+    base = Augment(size=size, scale=(min_scale, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+    return [dataclasses.replace(base, p_blur=1.0, p_solarize=0.0),
+            dataclasses.replace(base, p_blur=0.1, p_solarize=0.2)]
+
+
+def multicrop_views(size: int, num_local: int = 6, local_size: int | None = None,
+                    global_scale: tuple[float, float] = (0.14, 1.0),
+                    local_scale: tuple[float, float] = (0.05, 0.14)) -> list[Augment]:
+    """SwAV multi-crop (METHODS.md 7.4): 2 global crops (224 px, scale 0.14-1) + ``num_local`` local
+    crops (96 px, scale 0.05-0.14), scaled to ``size``: local side = round(size * 96 / 224) unless given.
+    Colour: SwAV's strength-1 jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grey 0.2, blur p 0.5, flip [our reading
+    of main_swav.py's transforms; the blur is applied to every crop]."""
+    local = local_size or max(8, int(round(size * 96 / 224)))
+    colour = dict(jitter=(0.8, 0.8, 0.8, 0.2))
+    return [Augment(size=size, scale=global_scale, **colour)] * 2 + \
+        [Augment(size=local, scale=local_scale, **colour)] * num_local

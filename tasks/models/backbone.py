@@ -41,12 +41,39 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise ValueError(f"checkpoint {path} does not match the backbone (strict load): {err}") from err
 
 
+class TinyConvNet(nn.Module):
+    """A two-conv, normalisation-free network (``build_backbone("tiny_convnet")``) for tests and smoke runs.
+
+    Same interface as a timm backbone with ``num_classes=0``: ``forward_features`` gives the feature map
+    ``[B, width, H/4, W/4]``, ``forward`` the pooled ``[B, width]``, ``num_features`` the width. Having no
+    batch norm, N ranks with B/N images compute exactly what one rank with B does.
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.num_features = width
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(width // 2, width, 3, stride=2, padding=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean((2, 3))
+
+
 def build_backbone(name: str, *, cifar_stem: bool = False, checkpoint: str = "", **timm_kwargs) -> tuple[nn.Module, int]:
     """``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)`` -> (model, feat_dim).
 
-    The model returns pooled features ``[B, feat_dim]``. ``checkpoint`` is loaded after the stem change,
-    so encoders exported from CIFAR-stem pretraining load back with ``cifar_stem=True``.
+    The model returns pooled features ``[B, feat_dim]`` and ``forward_features`` the unpooled map (ResNet)
+    or tokens (ViT). ``checkpoint`` is loaded after the stem change, so encoders exported from CIFAR-stem
+    pretraining load back with ``cifar_stem=True``. ``"tiny_convnet"`` is :class:`TinyConvNet`.
     """
+    if name == "tiny_convnet":
+        model = TinyConvNet(**timm_kwargs)
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return model, model.num_features
     import timm
 
     kwargs = {"pretrained": False, "num_classes": 0, **timm_kwargs}

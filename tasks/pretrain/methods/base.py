@@ -4,15 +4,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tasks.data.transforms import Augment, mocov2_views
+
 
 class Method(nn.Module):
     """backbone + heads + loss. Subclasses: one file each, registered in ``METHODS``.
 
     ``forward`` runs through DDP, so everything that needs gradients happens inside it; ``after_step`` is
     called on the unwrapped module on every rank after ``optimizer.step()`` (EMA, queues, prototypes).
+    ``view_augments`` says which views the data side must build (their order is the order of ``views``).
     """
-
-    num_views: int = 2
 
     def __init__(self, backbone: nn.Module, feat_dim: int, **kwargs):
         super().__init__()
@@ -24,6 +25,10 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar tensor, <metric>: detached scalar tensor, ...}``."""
         raise NotImplementedError
+
+    def view_augments(self, size: int) -> list[Augment]:
+        """One :class:`~tasks.data.transforms.Augment` per view ``forward`` expects; default MoCo v2's pair."""
+        return mocov2_views(size)
 
     @torch.no_grad()
     def after_step(self, step: int, max_steps: int) -> None:

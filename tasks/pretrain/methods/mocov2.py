@@ -74,3 +74,6 @@ class MoCoV2(Method):
         if self._keys is not None:
             self.queue.enqueue(self._keys)
             self._keys = None
+
+
+METHOD = MoCoV2

@@ -1,0 +1,82 @@
+"""Every registered method: a smoke run, and 2 ranks x B/2 == 1 rank x B (loss and gradients, 2 steps).
+
+The second is the distributed-semantics check of the issue (the lightly#1528 / #1018 bug class: queues,
+gathers, Sinkhorn or batch statistics computed per rank instead of globally). It runs on the normalisation-
+free ``tiny_convnet`` with every BatchNorm of the heads made cross-rank (``convert_sync_bn``), on real gloo
+process groups.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.models.backbone import build_backbone
+from tasks.pretrain.loop import build_optimizer, train_step
+from tasks.pretrain.methods import METHODS, get_method
+from tasks.pretrain.syncbn import convert_sync_bn
+from tests.dist_harness import ddp_gradients, mean_over_ranks, rank_slice, run_ranks
+
+# Small heads/queues so the tests run in seconds; every other option stays at the method's default.
+TINY_KWARGS = {
+    "mocov2": {"queue_size": 32, "hidden_dim": 32, "out_dim": 16},
+    "mocov3": {"hidden_dim": 32, "out_dim": 16},
+    "byol": {"hidden_dim": 32, "out_dim": 16},
+    "swav": {"hidden_dim": 32, "out_dim": 16, "num_prototypes": 10},
+    "densecl": {"queue_size": 32, "hidden_dim": 32, "out_dim": 16},
+}
+SIZE = 16
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone("tiny_convnet")
+    return get_method(name)(backbone, dim, **TINY_KWARGS.get(name, {}))
+
+
+def global_views(method, batch: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, a.size, a.size, generator=g) for a in method.view_augments(SIZE)]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_smoke_two_steps(name):
+    method = build(name)
+    before = {k: v.detach().clone() for k, v in method.state_dict().items()}
+    opt = build_optimizer(method, "sgd", 0.1, 0.9, 1e-4)
+    for step in range(2):
+        out = train_step(method, opt, global_views(method, 8, step), step, 10, 0.1)
+        assert torch.isfinite(torch.tensor(out["loss"])), out
+    changed = [k for k, v in method.backbone.state_dict().items() if not torch.equal(v, before["backbone." + k])]
+    assert changed, "no backbone parameter changed"
+    assert method.encoder() is method.backbone or isinstance(method.encoder(), torch.nn.Module)
+
+
+def _two_steps(rank: int, world: int, name: str, batch: int) -> dict:
+    method = convert_sync_bn(build(name), gpu=False)
+    opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
+    losses, grads = [], {}
+    for step in range(2):
+        views = [rank_slice(v, rank, world) for v in global_views(method, batch, seed=100 + step)]
+        opt.zero_grad(set_to_none=True)
+        out = method(views, step, 10)
+        out["loss"].backward()
+        grads = ddp_gradients(method)
+        for n, p in method.named_parameters():
+            if n in grads:
+                p.grad.copy_(grads[n])
+        losses.append(mean_over_ranks(out["loss"]))
+        opt.step()
+        method.after_step(step, 10)
+    return {"losses": losses, "grads": grads}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_two_ranks_equal_one_rank(name):
+    one = run_ranks(_two_steps, 1, name, 8)[0]
+    two = run_ranks(_two_steps, 2, name, 8)
+    for r in two:
+        for a, b in zip(r["losses"], one["losses"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert r["grads"].keys() == one["grads"].keys()
+        for k, g in one["grads"].items():
+            torch.testing.assert_close(r["grads"][k], g, rtol=1e-4, atol=1e-5, msg=f"{name}: gradient of {k}")
