@@ -156,3 +156,19 @@ def test_normalize_layouts():
     x = torch.randint(0, 256, (2, 5, 4, 3), dtype=torch.uint8)
     a, b = normalize(x), normalize(x.permute(0, 3, 1, 2))
     assert a.shape == (2, 3, 5, 4) and torch.equal(a, b)
+
+
+def test_pair_weights_weight_each_image_loss():
+    m = make()
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]
+    plain = m(views, 0, 10)["loss"]
+    ones = m(views, 0, 10, pair_weights=torch.ones(4))["loss"]
+    torch.testing.assert_close(plain, ones)
+    w = torch.tensor([4.0, 0.0, 0.0, 0.0])  # only image 0 counts, 4x (the mean divides by 4)
+    only0 = m(views, 0, 10, pair_weights=w)["loss"]
+    q = m.embed(m.backbone, m.head, views[0])
+    k = m.embed(m.backbone_k, m.head_k, views[1])
+    per = m.criterion(q, k, m.queue.queue, reduction="none")
+    torch.testing.assert_close(only0, per[0])
+    with pytest.raises(ValueError):
+        m(views, 0, 10, pair_weights=torch.ones(3))

@@ -13,7 +13,14 @@ class Method(nn.Module):
     ``forward`` runs through DDP, so everything that needs gradients happens inside it; ``after_step`` is
     called on the unwrapped module on every rank after ``optimizer.step()`` (EMA, queues, prototypes).
     ``view_augments`` says which views the data side must build (their order is the order of ``views``).
+
+    ``forward(views, step, max_steps, pair_weights=None)``: ``pair_weights`` ``[B_local]`` (detached, from
+    GenView's quality score) turns the loss into ``mean(w_i * l_i)`` over this rank's images, where ``l_i``
+    is image i's own loss term (symmetrised over its views where the method is symmetric).
+    The trainer sets ``steps_per_epoch`` before the first step (schedules that are stated in epochs).
     """
+
+    steps_per_epoch: int | None = None
 
     def __init__(self, backbone: nn.Module, feat_dim: int, **kwargs):
         super().__init__()
@@ -22,13 +29,23 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feat_dim = feat_dim
 
-    def forward(self, views: list[torch.Tensor], step: int, max_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
+                pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Return ``{"loss": scalar tensor, <metric>: detached scalar tensor, ...}``."""
         raise NotImplementedError
 
     def view_augments(self, size: int) -> list[Augment]:
         """One :class:`~tasks.data.transforms.Augment` per view ``forward`` expects; default MoCo v2's pair."""
         return mocov2_views(size)
+
+    @staticmethod
+    def reduce(per_sample: torch.Tensor, pair_weights: torch.Tensor | None) -> torch.Tensor:
+        """``mean(l)``, or ``mean(w * l)`` with detached per-image weights."""
+        if pair_weights is None:
+            return per_sample.mean()
+        if pair_weights.shape != per_sample.shape:
+            raise ValueError(f"pair_weights {tuple(pair_weights.shape)} != per-sample loss {tuple(per_sample.shape)}")
+        return (pair_weights.detach().to(per_sample.dtype) * per_sample).mean()
 
     @torch.no_grad()
     def after_step(self, step: int, max_steps: int) -> None:

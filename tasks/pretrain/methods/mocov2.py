@@ -49,7 +49,8 @@ class MoCoV2(Method):
             x = x.contiguous(memory_format=torch.channels_last)
         return F.normalize(head(backbone(x).flatten(1)), dim=1)
 
-    def forward(self, views: list[torch.Tensor], step: int, max_steps: int) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
+                pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x_q, x_k = views
         q = self.embed(self.backbone, self.head, x_q)
         with torch.no_grad():
@@ -59,7 +60,7 @@ class MoCoV2(Method):
             else:
                 k = self.embed(self.backbone_k, self.head_k, x_k)
         # The queue is read here and only written in after_step (after backward), so no defensive clone.
-        loss = self.criterion(q, k, self.queue.queue)
+        loss = self.reduce(self.criterion(q, k, self.queue.queue, reduction="none"), pair_weights)
         self._keys = k
         return {"loss": loss, "pos_cos": (q.detach() * k).sum(1).mean()}
 
