@@ -72,10 +72,19 @@ class PretrainConfig:
     batch_size: int = 64  # global batch, split across workers
     epochs: int = 10
     max_steps: int = 0  # 0: epochs decide
-    lr: float = 0.06  # at batch 256; scaled linearly by the global batch
-    momentum: float = 0.9
+    lr: float = 0.06  # at batch 256; scaled linearly by the global batch (all workers and nodes counted)
+    optimizer: str = "sgd"  # sgd | lars | adamw (biases and norm parameters: no weight decay, no LARS scaling)
+    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1 stays 0.9)
     weight_decay: float = 5e-4
     warmup_steps: int = 10
+    clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    channels_last: bool = True  # NHWC memory layout for conv backbones (faster with oneDNN / cuDNN)
+    compile: bool = False  # torch.compile the method
+    sync_bn: bool = False  # batch-norm statistics over all workers' batches
+    use_gpu: str = "auto"  # auto (one GPU per worker when the cluster has them) | yes | no
+    knn_monitor_every: int = 1  # epochs between online kNN checks on the held-out labelled split; 0 = off
+    knn_monitor_size: int = 1000  # at most this many labelled images for the monitor
     checkpoint_every: int = 50
     seed: int = 0
     method_kwargs: dict = field(default_factory=dict)  # method-specific (e.g. queue_size, temperature)
@@ -234,6 +243,12 @@ def validate(cfg: PipelineConfig) -> None:
 
     if cfg.pretrain.method not in METHODS:
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r} (known: {', '.join(sorted(METHODS))})")
+    if cfg.pretrain.optimizer.lower() not in ("sgd", "lars", "adamw"):
+        raise ConfigError(f"pretrain.optimizer: {cfg.pretrain.optimizer!r} is not one of sgd, lars, adamw")
+    if cfg.pretrain.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"pretrain.precision: {cfg.pretrain.precision!r} is not one of auto, fp32, bf16")
+    if cfg.pretrain.use_gpu not in ("auto", "yes", "no"):
+        raise ConfigError(f"pretrain.use_gpu: {cfg.pretrain.use_gpu!r} is not one of auto, yes, no")
     bad = sorted(set(cfg.pretrain.augment) - AUGMENT_FIELDS)
     if bad:
         raise ConfigError(f"pretrain.augment.{bad[0]}: unknown augmentation option "

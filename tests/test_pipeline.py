@@ -54,6 +54,7 @@ def test_first_run_produces_every_stage(first_run):
     assert masks.num_rows == 48 and 0.2 < sum(masks["fg_ratio"].to_pylist()) / 48 < 0.6
     assert "gt_iou" in st.manifest("masks")["metrics"]
     assert st.manifest("pretrain")["metrics"]["steps"] == 4
+    assert 0.0 <= st.manifest("pretrain")["metrics"]["knn_monitor_final"] <= 1.0  # the online monitor ran
     report = json.loads(st.read_file("evaluate", "report.json"))
     assert {"random", "pretrained"} <= set(report["results"])
     assert st.manifest("evaluate")["upstream"]["pretrain"] == st.manifest("pretrain")["content_hash"]
@@ -120,7 +121,10 @@ def test_mlflow_lineage(first_run):
     digests = {d.dataset.name: d.dataset.digest for d in pre.inputs.dataset_inputs}
     assert digests["curate-output"] == first["curate"]["content_hash"][:32]
     assert digests["views-output"] == first["views"]["content_hash"][:32]
-    assert "loss" in pre.data.metrics
+    assert "loss" in pre.data.metrics and "knn_monitor" in pre.data.metrics
+    monitored = client.get_metric_history(pre_id, "knn_monitor")
+    assert [m.step for m in monitored] == [2, 3]  # end of epoch 1 (3 steps of 16 of 48 images) and the last step
+    assert "curves/knn_monitor.png" in [a.path for a in client.list_artifacts(pre_id, "curves")]
     # the encoder is an MLflow model, registered
     versions = client.search_model_versions("name = 'sslforge-encoder'")
     assert any(v.run_id == pre_id for v in versions)

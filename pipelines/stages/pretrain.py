@@ -24,27 +24,50 @@ def _load_images(paths: list[str], resolution: int):
 
     from tasks.data.images import batch_to_array
 
-    ids, imgs = [], []
+    ids, labels, imgs = [], [], []
     for p in paths:
-        t = pq.read_table(p, columns=["id", "image"])
+        t = pq.read_table(p)
         ids += t["id"].to_pylist()
+        labels += t["label"].to_pylist() if "label" in t.column_names else [""] * t.num_rows
         imgs.append(batch_to_array(t["image"].to_pylist(), resolution))
-    return ids, np.concatenate(imgs) if imgs else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return ids, labels, np.concatenate(imgs) if imgs else np.zeros((0, resolution, resolution, 3), np.uint8)
+
+
+def monitor_split(labels: list[str], size: int, seed: int):
+    """The online kNN monitor's labelled images: (indices, integer labels, bank part, held-out part), or
+    None without at least two labelled classes. At most ``size`` images, drawn with a fixed seed; 30 % of
+    each class is held out (the evaluate stage's stratified split)."""
+    import numpy as np
+
+    from tasks.evaluate.classification import stratified_split
+
+    idx = np.array([i for i, x in enumerate(labels) if x])
+    if len(idx) == 0 or len({labels[i] for i in idx}) < 2:
+        return None
+    if len(idx) > size:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size, replace=False))
+    classes = sorted({labels[i] for i in idx})
+    y = np.array([classes.index(labels[i]) for i in idx])
+    bank, held_out = stratified_split(y, 0.3, seed)
+    return idx, y, bank, held_out
 
 
 class ViewFeeder:
     """Background thread: per step, the worker's batch indices -> augmented views (prefetch 2)."""
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
-                 augments: list):
+                 augments: list, channels_last: bool = False):
         import numpy as np
 
         from tasks.data.transforms import MultiView
 
-        self.np = np
+        import torch
+
+        self.np, self.torch = np, torch
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
         self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
+        self.channels_last = channels_last
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
         self.t.start()
@@ -59,7 +82,10 @@ class ViewFeeder:
         # (no torch.set_num_threads here: it is process-wide and would throttle the training step)
         for step in range(start, stop):
             idx = self.indices(step)
-            self.q.put(self.views([self.images[j] for j in idx]))
+            views = self.views([self.images[j] for j in idx])
+            if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
+                views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
+            self.q.put(views)
 
     def next(self):
         t0 = time.perf_counter()
@@ -75,64 +101,86 @@ def train_loop(config: dict) -> None:
     from mlflow.entities import Metric
 
     from tasks.data.transforms import with_overrides
+    from tasks.evaluate.classification import knn_monitor
     from tasks.models.backbone import build_backbone
-    from tasks.pretrain.loop import build_optimizer, train_step, unwrap
+    from tasks.pretrain.loop import build_optimizer, train_step
     from tasks.pretrain.methods import get_method
     from tasks.pretrain.schedules import scaled_lr, warmup_cosine_lr
+    from tasks.pretrain.syncbn import convert_sync_bn
 
     c = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(c["threads_per_worker"])
     torch.manual_seed(c["seed"])
-    backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], **c["backbone_kwargs"])
-    method = get_method(c["method"])(backbone, dim, **c["method_kwargs"])
-    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False, "broadcast_buffers": False}) \
-        if world > 1 else method
-    lr = scaled_lr(c["lr"], c["batch_size"])
-    opt = build_optimizer(model, "sgd", lr, c["momentum"], c["weight_decay"])
-    _, images = _load_images(c["paths"], c["resolution"])
+    device = ray.train.torch.get_device()
+    _, labels, images = _load_images(c["paths"], c["resolution"])
     per = c["batch_size"] // world
     steps_per_epoch = max(1, len(images) // c["batch_size"])
     max_steps = c["max_steps"] or c["epochs"] * steps_per_epoch
+    backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], **c["backbone_kwargs"])
+    method = get_method(c["method"])(backbone, dim, **c["method_kwargs"])
+    method.steps_per_epoch = steps_per_epoch
+    if c["sync_bn"] and world > 1:
+        method = convert_sync_bn(method, gpu=device.type == "cuda")
+    if c["channels_last"]:
+        method = method.to(memory_format=torch.channels_last)  # 4-D weights only; others are unaffected
+    if c["compile"]:
+        method.compile()  # in place: state-dict keys stay the same
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False, "broadcast_buffers": False}) \
+        if world > 1 else method.to(device)
+    # linear scaling by the true global batch: per-worker batch x workers on every node
+    lr = scaled_lr(c["lr"], per * world)
+    opt = build_optimizer(method, c["optimizer"], lr, c["momentum"], c["weight_decay"])
+    autocast = torch.bfloat16 if c["precision"] == "bf16" or (c["precision"] == "auto" and device.type == "cuda") else None
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
+        method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
         if rank == 0:
             print(f"[pretrain] resumed from step {start}", flush=True)
+    monitor = monitor_split(labels, c["knn_monitor_size"], c["seed"]) if rank == 0 and c["knn_monitor_every"] > 0 else None
     client = None
     if rank == 0 and c.get("tracking_uri"):
         mlflow.set_tracking_uri(c["tracking_uri"])
         client = mlflow.MlflowClient()
-    augments = with_overrides(unwrap(model).view_augments(c["resolution"]), c["augment"])
-    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments)
+    augments = with_overrides(method.view_augments(c["resolution"]), c["augment"])
+    feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
+                        channels_last=c["channels_last"])
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         views, wait = feeder.next()
         t0 = time.perf_counter()
-        m = train_step(model, opt, views, step, max_steps,
-                       warmup_cosine_lr(step, max_steps, lr, c["warmup_steps"]))
+        views = [v.to(device, non_blocking=True) for v in views]
+        m = train_step(model, opt, views, step, max_steps, warmup_cosine_lr(step, max_steps, lr, c["warmup_steps"]),
+                       clip_grad=c["clip_grad"], autocast_dtype=autocast)
         m.update(step_time=time.perf_counter() - t0, data_wait=wait, epoch=step / steps_per_epoch)
         last = step + 1 == max_steps
+        epoch_end = (step + 1) % steps_per_epoch == 0
+        if monitor is not None and (last or (epoch_end and ((step + 1) // steps_per_epoch) % c["knn_monitor_every"] == 0)):
+            idx, y, bank, held_out = monitor
+            m["knn_monitor"] = knn_monitor(method.encoder(), images[idx], y, bank, held_out)
         if rank == 0:
             history.append({"step": step, **{k: float(v) for k, v in m.items()}})
             if step % c["log_every"] == 0 or last:
                 print(f"[pretrain] step {step + 1}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.4f} "
                       f"{m['step_time']:.2f}s/step (waited {m['data_wait']:.2f}s for data)", flush=True)
-            if client and (step % c["log_every"] == 0 or last):
+            if "knn_monitor" in m:
+                print(f"[pretrain] epoch {(step + 1) / steps_per_epoch:.0f}: kNN monitor {m['knn_monitor']:.3f} "
+                      f"(held-out labelled split)", flush=True)
+            if client and (step % c["log_every"] == 0 or last or "knn_monitor" in m):
                 ts = int(time.time() * 1000)
                 client.log_batch(c["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in m.items()])
         if (step + 1) % c["checkpoint_every"] == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
-                    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                "history": history, "encoder": unwrap(model).encoder().state_dict()},
+                    torch.save({"model": method.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                "history": history, "encoder": method.encoder().state_dict()},
                                os.path.join(d, STATE))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report({"step": step + 1, "loss": float(m["loss"])}, checkpoint=checkpoint)
@@ -157,10 +205,13 @@ def run(ctx) -> dict:
     work = ctx.work_uri
     if ctx.forced and ctx.storage.is_local and os.path.isdir(os.path.join(work, name)):
         shutil.rmtree(os.path.join(work, name))  # --force: train again instead of resuming a finished run
+    import ray
+
+    use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.num_workers)
     trainer = TorchTrainer(
         train_loop, train_loop_config=c,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=work, failure_config=FailureConfig(max_failures=3),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -182,6 +233,9 @@ def run(ctx) -> dict:
     if hist:
         metrics["step_time_mean"] = sum(h["step_time"] for h in hist) / len(hist)
         metrics["data_wait_mean"] = sum(h["data_wait"] for h in hist) / len(hist)
+        knn = [h["knn_monitor"] for h in hist if "knn_monitor" in h]
+        if knn:
+            metrics["knn_monitor_final"] = knn[-1]
     return {"metrics": metrics, "encoder": {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem,
                                             "backbone_kwargs": cfg.backbone_kwargs, "file": "encoder.pt"}}
 
@@ -205,4 +259,7 @@ def _log_model_and_curve(ctx, state, hist) -> None:
         from pipelines.plots import curve_figure
 
         ctx.tracker.log_figure(curve_figure(hist, "loss", f"{cfg.method} training loss"), "curves/loss.png")
+        if any("knn_monitor" in h for h in hist):
+            ctx.tracker.log_figure(curve_figure(hist, "knn_monitor", f"{cfg.method}: online kNN top-1 (held-out split)"),
+                                   "curves/knn_monitor.png")
     ctx.tracker.log_dict({"history": hist[-200:]}, "history_tail.json")

@@ -35,3 +35,14 @@ def evaluate_encoder(encoder: torch.nn.Module, images: np.ndarray, labels: np.nd
     lin = linear_probe(feats[train], y[train], feats[test], y[test], epochs=linear_epochs, lr=linear_lr, seed=seed,
                        num_classes=num_classes)
     return {"knn_top1": knn, "linear_top1": lin, "n_train": int(len(train)), "n_test": int(len(test))}
+
+
+def knn_monitor(encoder: torch.nn.Module, images: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                test: np.ndarray, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256) -> float:
+    """kNN top-1 of the ``test`` images against the ``train`` bank (the online monitor during pretraining)."""
+    if not images.flags.writeable:
+        images = images.copy()
+    feats = extract_features(encoder, torch.from_numpy(images), batch_size=batch_size)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return knn_accuracy(feats[train], y[train], feats[test], y[test], k=k, T=temperature,
+                        num_classes=int(labels.max()) + 1)
