@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -93,6 +94,36 @@ class ViewFeeder:
         return v, time.perf_counter() - t0
 
 
+def _resume_state(latest_file: str, rank: int, world: int) -> dict | None:
+    """The newest saved state: Ray Train's latest registered checkpoint or our own ``latest_file``.
+
+    Ray Train V2 registers a reported checkpoint only when its controller next polls the workers (every
+    2 s), so a worker killed just after ``report`` can lose it; rank 0 therefore also writes every
+    checkpoint atomically to ``latest_file`` (when the run directory is a local/shared path), which keeps
+    the steps lost to a failure within one checkpoint interval. Rank 0 chooses and broadcasts the state,
+    so every rank resumes from the same step even where only rank 0 can read the file.
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    state = None
+    if rank == 0:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+        if latest_file and os.path.exists(latest_file):
+            own = torch.load(latest_file, map_location="cpu", weights_only=False)
+            if state is None or own["step"] > state["step"]:
+                state = own
+    if world > 1 and dist.is_initialized():
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
 def train_loop(config: dict) -> None:
     import mlflow
     import ray.train
@@ -134,10 +165,8 @@ def train_loop(config: dict) -> None:
     opt = build_optimizer(method, c["optimizer"], lr, c["momentum"], c["weight_decay"])
     autocast = torch.bfloat16 if c["precision"] == "bf16" or (c["precision"] == "auto" and device.type == "cuda") else None
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=False)
+    state = _resume_state(c.get("latest_file", ""), rank, world)
+    if state:
         method.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -182,6 +211,10 @@ def train_loop(config: dict) -> None:
                     torch.save({"model": method.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                                 "history": history, "encoder": method.encoder().state_dict()},
                                os.path.join(d, STATE))
+                    if c.get("latest_file"):
+                        tmp = c["latest_file"] + ".tmp"
+                        shutil.copyfile(os.path.join(d, STATE), tmp)
+                        os.replace(tmp, c["latest_file"])
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report({"step": step + 1, "loss": float(m["loss"])}, checkpoint=checkpoint)
     if rank == 0:
@@ -189,8 +222,6 @@ def train_loop(config: dict) -> None:
 
 
 def run(ctx) -> dict:
-    import shutil
-
     import pyarrow as pa
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -203,6 +234,9 @@ def run(ctx) -> dict:
     c.update(paths=ctx.storage.table_paths("curate"), tracking_uri=ctx.tracker.uri, run_id=ctx.run_id)
     name = f"pretrain-{ctx.cache_key[:16]}"
     work = ctx.work_uri
+    if ctx.storage.is_local:
+        os.makedirs(os.path.join(work, name), exist_ok=True)
+        c["latest_file"] = os.path.join(work, name, "latest-" + STATE)
     if ctx.forced and ctx.storage.is_local and os.path.isdir(os.path.join(work, name)):
         shutil.rmtree(os.path.join(work, name))  # --force: train again instead of resuming a finished run
     import ray
