@@ -33,6 +33,19 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def all_reduce_sum_nograd(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``x`` over all ranks (e.g. SwAV's Sinkhorn marginals); no gradient flows back.
+
+    Returns a new tensor when distributed, ``x`` itself in a single process: do not modify the result in place.
+    """
+    if world_size() == 1:
+        return x
+    x = x.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

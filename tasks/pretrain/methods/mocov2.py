@@ -6,6 +6,8 @@ the query, view 1 the key.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,22 +45,30 @@ class MoCoV2(Method):
         self.momentum, self.momentum_cosine, self.shuffle_bn = momentum, momentum_cosine, shuffle_bn
         self._keys: torch.Tensor | None = None
 
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC input for conv backbones when ``channels_last`` (layout only, same values)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
     def embed(self, backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The one forward path of both branches: image -> pooled feature -> head -> unit vector."""
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return F.normalize(head(backbone(x).flatten(1)), dim=1)
+        return F.normalize(head(backbone(self.to_layout(x)).flatten(1)), dim=1)
+
+    @torch.no_grad()
+    def key_forward(self, encode, x_k: torch.Tensor):
+        """``encode(x_k)`` (a tensor or a tuple of per-image tensors) under shuffle-BN, in input order."""
+        if not self.shuffle_bn:
+            return encode(x_k)
+        x_k, unshuffle = batch_shuffle(x_k)
+        out = encode(x_k)
+        if isinstance(out, torch.Tensor):
+            return batch_unshuffle(out, unshuffle)
+        return tuple(batch_unshuffle(o, unshuffle) for o in out)
 
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
                 pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x_q, x_k = views
         q = self.embed(self.backbone, self.head, x_q)
-        with torch.no_grad():
-            if self.shuffle_bn:
-                x_k, unshuffle = batch_shuffle(x_k)
-                k = batch_unshuffle(self.embed(self.backbone_k, self.head_k, x_k), unshuffle)
-            else:
-                k = self.embed(self.backbone_k, self.head_k, x_k)
+        k = self.key_forward(partial(self.embed, self.backbone_k, self.head_k), x_k)
         # The queue is read here and only written in after_step (after backward), so no defensive clone.
         loss = self.reduce(self.criterion(q, k, self.queue.queue, reduction="none"), pair_weights)
         self._keys = k
