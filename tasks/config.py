@@ -85,6 +85,12 @@ class PretrainConfig:
     use_gpu: str = "auto"  # auto (one GPU per worker when the cluster has them) | yes | no
     knn_monitor_every: int = 1  # epochs between online kNN checks on the held-out labelled split; 0 = off
     knn_monitor_size: int = 1000  # at most this many labelled images for the monitor
+    # GenView's quality-driven loss (METHODS.md 1.3) on any method: a frozen encoder (timm name, "" = off)
+    # pools each view's foreground/background under the masks-stage mask; pairs weighted N softmax(gamma q)
+    quality_encoder: str = ""
+    quality_encoder_kwargs: dict = field(default_factory=dict)
+    quality_checkpoint: str = ""  # local weights for the frozen encoder (no downloads)
+    quality_gamma: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
     method_kwargs: dict = field(default_factory=dict)  # method-specific (e.g. queue_size, temperature)

@@ -135,3 +135,26 @@ def test_mlflow_lineage(first_run):
     cached = client.search_runs([exp.experiment_id], "tags.`sslforge.cached` = 'true'")
     assert cached and all(r.data.tags["sslforge.produced_by"] for r in cached)
     assert ev.data.metrics["knn_top1"] >= 0
+
+
+def test_other_method_with_quality_weighting_through_ray_train(first_run, capsys):
+    """SwAV (multi-crop views of two sizes) with GenView's quality weighting, in the real trainer: the views
+    output carries the masks, the feeder crops them with each view's geometry, the weights are logged."""
+    import mlflow
+
+    from tasks.store import Storage
+
+    tmp, pipe, storage, args, _ = first_run
+    capsys.readouterr()
+    assert main(["run", *args, "--set", "pretrain.method=swav",
+                 "--set", "pretrain.method_kwargs={hidden_dim: 32, num_prototypes: 8, num_local_crops: 2}",
+                 "--set", "pretrain.quality_encoder=tiny_convnet", "--set", "pretrain.quality_gamma=2.0"]) == 0
+    status = _status(capsys)
+    assert status["pretrain"] == "ran" and status["evaluate"] == "ran" and status["views"] == "cached"
+    st = Storage(str(storage))
+    hist = st.read_table("pretrain", "history").to_pylist()
+    assert len(hist) == 4 and all(h["quality_w_max"] >= 1.0 for h in hist)  # mean-1 weights: max >= 1
+    assert all(-2.0 <= h["quality_q"] <= 2.0 for h in hist)
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    run = client.get_run(st.manifest("pretrain")["mlflow_run_id"])
+    assert run.data.params["method"] == "swav" and "quality_q" in run.data.metrics

@@ -34,6 +34,30 @@ def _load_images(paths: list[str], resolution: int):
     return ids, labels, np.concatenate(imgs) if imgs else np.zeros((0, resolution, resolution, 3), np.uint8)
 
 
+def _load_masks(paths: list[str], ids: list[str], resolution: int):
+    """Foreground masks from the views output, aligned with ``ids``, as float ``[N, R, R]`` at the images'
+    resolution (the masks are in the same square frame as the images, at the masks stage's resolution)."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    by_id = {}
+    for p in paths:
+        t = pq.read_table(p, columns=["id", "mask"])
+        by_id.update(zip(t["id"].to_pylist(), t["mask"].to_pylist()))
+    missing = [i for i in ids if not by_id.get(i)]
+    if missing:
+        raise ValueError(f"quality weighting needs a mask per image; {len(missing)} have none (e.g. {missing[0]})")
+    out = np.empty((len(ids), resolution, resolution), np.float32)
+    for n, i in enumerate(ids):
+        with Image.open(io.BytesIO(by_id[i])) as im:
+            out[n] = np.asarray(im.convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR),
+                                np.float32) / 255.0
+    return out
+
+
 def monitor_split(labels: list[str], size: int, seed: int):
     """The online kNN monitor's labelled images: (indices, integer labels, bank part, held-out part), or
     None without at least two labelled classes. At most ``size`` images, drawn with a fixed seed; 30 % of
@@ -57,18 +81,21 @@ class ViewFeeder:
     """Background thread: per step, the worker's batch indices -> augmented views (prefetch 2)."""
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
-                 augments: list, channels_last: bool = False):
+                 augments: list, channels_last: bool = False, masks=None):
         import numpy as np
 
         from tasks.data.transforms import MultiView
+        from tasks.pretrain.quality import crop_masks
 
         import torch
 
-        self.np, self.torch = np, torch
+        self.np, self.torch, crop = np, torch, crop_masks
+        self.crop_masks = crop
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
         self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
         self.channels_last = channels_last
+        self.masks = masks  # [N, R, R] float foreground masks in the images' frame, or None
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
         self.t.start()
@@ -83,10 +110,16 @@ class ViewFeeder:
         # (no torch.set_num_threads here: it is process-wide and would throttle the training step)
         for step in range(start, stop):
             idx = self.indices(step)
-            views = self.views([self.images[j] for j in idx])
+            extra = {}
+            if self.masks is None:
+                views = self.views([self.images[j] for j in idx])
+            else:  # masks follow the first two views' crops and flips
+                views, geoms = self.views([self.images[j] for j in idx], with_geometry=True)
+                extra["masks"] = [self.crop_masks([self.masks[j] for j in idx], geoms[v], self.views.augments[v].size)
+                                  for v in (0, 1)]
             if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
                 views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
-            self.q.put(views)
+            self.q.put((views, extra))
 
     def next(self):
         t0 = time.perf_counter()
@@ -136,6 +169,7 @@ def train_loop(config: dict) -> None:
     from tasks.models.backbone import build_backbone
     from tasks.pretrain.loop import build_optimizer, train_step
     from tasks.pretrain.methods import get_method
+    from tasks.pretrain.quality import QualityWeighter
     from tasks.pretrain.schedules import scaled_lr, warmup_cosine_lr
     from tasks.pretrain.syncbn import convert_sync_bn
 
@@ -145,7 +179,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(c["threads_per_worker"])
     torch.manual_seed(c["seed"])
     device = ray.train.torch.get_device()
-    _, labels, images = _load_images(c["paths"], c["resolution"])
+    ids, labels, images = _load_images(c["paths"], c["resolution"])
     per = c["batch_size"] // world
     steps_per_epoch = max(1, len(images) // c["batch_size"])
     max_steps = c["max_steps"] or c["epochs"] * steps_per_epoch
@@ -178,15 +212,26 @@ def train_loop(config: dict) -> None:
         mlflow.set_tracking_uri(c["tracking_uri"])
         client = mlflow.MlflowClient()
     augments = with_overrides(method.view_augments(c["resolution"]), c["augment"])
+    weighter, masks = None, None
+    if c["quality_encoder"]:
+        qenc, _ = build_backbone(c["quality_encoder"], checkpoint=c["quality_checkpoint"], **c["quality_encoder_kwargs"])
+        weighter = QualityWeighter(qenc, c["quality_gamma"]).to(device)
+        masks = _load_masks(c["views_paths"], ids, c["resolution"])
     feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
-                        channels_last=c["channels_last"])
+                        channels_last=c["channels_last"], masks=masks)
     t_start = time.perf_counter()
     for step in range(start, max_steps):
-        views, wait = feeder.next()
+        (views, extra), wait = feeder.next()
         t0 = time.perf_counter()
         views = [v.to(device, non_blocking=True) for v in views]
+        kw, quality = {}, {}
+        if weighter is not None:
+            m0, m1 = (x.to(device, non_blocking=True) for x in extra["masks"])
+            kw["pair_weights"], q = weighter(views[0], views[1], m0, m1)
+            quality = {"quality_q": float(q.mean()), "quality_w_max": float(kw["pair_weights"].max())}
         m = train_step(model, opt, views, step, max_steps, warmup_cosine_lr(step, max_steps, lr, c["warmup_steps"]),
-                       clip_grad=c["clip_grad"], autocast_dtype=autocast)
+                       clip_grad=c["clip_grad"], autocast_dtype=autocast, **kw)
+        m.update(quality)
         m.update(step_time=time.perf_counter() - t0, data_wait=wait, epoch=step / steps_per_epoch)
         last = step + 1 == max_steps
         epoch_end = (step + 1) % steps_per_epoch == 0
@@ -231,7 +276,8 @@ def run(ctx) -> dict:
 
     cfg = ctx.cfg
     c = to_dict(cfg)
-    c.update(paths=ctx.storage.table_paths("curate"), tracking_uri=ctx.tracker.uri, run_id=ctx.run_id)
+    c.update(paths=ctx.storage.table_paths("curate"), views_paths=ctx.storage.table_paths("views"),
+             tracking_uri=ctx.tracker.uri, run_id=ctx.run_id)
     name = f"pretrain-{ctx.cache_key[:16]}"
     work = ctx.work_uri
     if ctx.storage.is_local:

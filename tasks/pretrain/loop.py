@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
-from tasks.pretrain.optim import build_optimizer  # noqa: F401  (re-exported: the trainer's one import)
+from tasks.pretrain.optim import build_optimizer
+
+__all__ = ["build_optimizer", "train_step", "unwrap"]  # the trainer's one import
 
 
 def unwrap(model: nn.Module) -> nn.Module:
