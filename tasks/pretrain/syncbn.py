@@ -50,7 +50,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         n_local = x.numel() // c
         xf = x.float()
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), float(n_local))])
+        # Sums in float64: E[x^2] - mean^2 cancels badly in fp32 when |mean| >> std (a head's first BN
+        # over post-ReLU features), enough to break 2 ranks x B/2 == 1 rank x B at rtol 1e-4.
+        xd = x.double()
+        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_full((1,), float(n_local))])
         stats = all_reduce_sum(stats)
         n = stats[-1]
         mean = stats[:c] / n
@@ -63,6 +66,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
                 self.num_batches_tracked += 1
         shape = [1, c] + [1] * (x.dim() - 2)
+        mean, var = mean.to(xf.dtype), var.to(xf.dtype)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
