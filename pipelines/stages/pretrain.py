@@ -12,11 +12,18 @@ import io
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
 
 STATE = "state.pt"
+
+
+def _say(message: str) -> None:
+    """One line on the worker's real stdout (Ray forwards it to the driver). Ray Train patches ``print`` to
+    also go through its logger, which printed every line twice."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _load_images(paths: list[str], resolution: int):
@@ -205,7 +212,7 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
         if rank == 0:
-            print(f"[pretrain] resumed from step {start}", flush=True)
+            _say(f"[pretrain] resumed from step {start}")
     monitor = monitor_split(labels, c["knn_monitor_size"], c["seed"]) if rank == 0 and c["knn_monitor_every"] > 0 else None
     client = None
     if rank == 0 and c.get("tracking_uri"):
@@ -241,11 +248,11 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             history.append({"step": step, **{k: float(v) for k, v in m.items()}})
             if step % c["log_every"] == 0 or last:
-                print(f"[pretrain] step {step + 1}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.4f} "
-                      f"{m['step_time']:.2f}s/step (waited {m['data_wait']:.2f}s for data)", flush=True)
+                _say(f"[pretrain] step {step + 1}/{max_steps} loss {m['loss']:.4f} lr {m['lr']:.4f} "
+                     f"{m['step_time']:.2f}s/step (waited {m['data_wait']:.2f}s for data)")
             if "knn_monitor" in m:
-                print(f"[pretrain] epoch {(step + 1) / steps_per_epoch:.0f}: kNN monitor {m['knn_monitor']:.3f} "
-                      f"(held-out labelled split)", flush=True)
+                _say(f"[pretrain] step {step + 1} (epoch {(step + 1) / steps_per_epoch:.1f}): kNN monitor {m['knn_monitor']:.3f} "
+                     f"(held-out labelled split)")
             if client and (step % c["log_every"] == 0 or last or "knn_monitor" in m):
                 ts = int(time.time() * 1000)
                 client.log_batch(c["run_id"], metrics=[Metric(k, float(v), ts, step) for k, v in m.items()])
@@ -263,7 +270,7 @@ def train_loop(config: dict) -> None:
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report({"step": step + 1, "loss": float(m["loss"])}, checkpoint=checkpoint)
     if rank == 0:
-        print(f"[pretrain] {max_steps - start} steps in {time.perf_counter() - t_start:.1f}s", flush=True)
+        _say(f"[pretrain] {max_steps - start} steps in {time.perf_counter() - t_start:.1f}s")
 
 
 def run(ctx) -> dict:
