@@ -13,6 +13,11 @@ import sys
 REGISTRY: dict[str, str] = {
     "mocov2": "bench.mocov2:run",  # mocov2.step_over_backbone, mocov2.ours_over_lightly[...]
     "aug": "bench.augment:run",  # aug.mocov2_ms_per_view
+    "methods": "bench.methods:run",  # mocov3, byol, swav, densecl below, in one run
+    "mocov3": "bench.methods:mocov3",  # mocov3.step_over_backbone, mocov3.ours_over_lightly[...]
+    "byol": "bench.methods:byol",  # byol.step_over_backbone, byol.ours_over_lightly[...]
+    "swav": "bench.methods:swav",  # swav.step_over_backbone, swav.ours_over_lightly[...]
+    "densecl": "bench.methods:densecl",  # densecl.step_over_backbone, densecl.step_over_mocov2, ...
 }
 
 

@@ -1,0 +1,455 @@
+"""Training steps of MoCo v3, BYOL, SwAV and DenseCL: ours vs the bare backbone work each needs, and vs
+lightly's implementation of the same recipe (as bench/mocov2.py does for MoCo v2).
+
+Per method, on resnet18 (CIFAR stem), 2 torch threads, one fixed set of view tensors (sizes from the
+method's ``view_augments``), every step built from the same backbone weights and timed interleaved (median
+over rounds, after warm-up, of the ratio within each round):
+
+* ``ours``: ``train_step`` with our method and SGD, the method in channels_last as the pretrain stage puts
+  it by default (``pretrain.channels_last: true`` -> ``method.to(memory_format=torch.channels_last)``).
+* ``bare``: the backbone work that step needs, in the same layout: backbone fwd + bwd (from a fixed dense
+  gradient on its output) for every view that gets gradients, grouped into backbone passes as ours groups
+  them; backbone fwd under ``no_grad`` on a frozen copy for every view a momentum/target branch encodes; an
+  SGD step over the backbone parameters.
+
+  - MoCo v3, BYOL: both views fwd+bwd (one pass each), both views fwd-only on the momentum copy.
+  - SwAV: every crop fwd+bwd (same-size crops concatenated into one pass, as ours and main_swav.py do);
+    no momentum encoder.
+  - DenseCL: query view fwd+bwd, key view fwd-only, through ``forward_features`` (the unpooled map; the
+    dense gradient is on the map), i.e. MoCo v2's bare work on the C5 map.
+* ``lightly``: the recipe built from lightly's public modules as its examples do, plain NCHW tensors, torch
+  SGD (lr 0.03, momentum 0.9, wd 1e-4); ``lightly_nhwc``: the same with model and inputs in channels_last.
+
+  - BYOL: BYOLProjectionHead + BYOLPredictionHead, NegativeCosineSimilarity (symmetrised), update_momentum
+    with lightly's cosine_schedule(0.99 -> 1).
+  - SwAV: SwaVProjectionHead + SwaVPrototypes (normalised before each step), SwaVLoss over 2 high- and the
+    low-resolution crops, one backbone pass per crop as lightly's example does.
+  - DenseCL: DenseCLProjectionHead global + local, momentum copies (update_momentum, m 0.999),
+    select_most_similar, NTXentLoss with a memory bank per branch, loss = 0.5 (global + local).
+  - MoCo v3: lightly 1.6 has no MoCo v3 model, loss or example, only heads. The lightly side is
+    MoCoProjectionHead(batch_norm=True) as projector (2 layers for a ResNet; its last BN keeps affine
+    parameters, ours has none), lightly's ProjectionHead shaped as the ResNet predictor
+    (Linear-BN-ReLU-Linear, no bias), update_momentum + cosine_schedule(0.99 -> 1), and the paper's
+    ``ctr(q1, k2) + ctr(q2, k1)`` (in-batch negatives) written here in plain torch.
+
+Head sizes are identical between ours and lightly's: hidden 2048, out 256 (MoCo v3, BYOL) or 128 (SwAV,
+DenseCL); SwAV has 3000 prototypes, DenseCL (and the MoCo v2 it is compared with) a 4096-entry queue.
+``densecl.step_over_mocov2`` times our MoCo v2 step (same head sizes, same queue) in the same rounds.
+
+``BENCH_METHODS_TINY=1`` shrinks everything (batch 8, 32 px, 1 round) for a smoke test; its numbers mean
+nothing.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.common import interleaved_medians, median_ratio, report, setup_threads
+from tasks.models.backbone import build_backbone
+from tasks.pretrain.loop import build_optimizer, train_step
+
+HIDDEN, LR, MAX_STEPS, QUEUE = 2048, 0.03, 10_000, 4096
+OUT = {"mocov3": 256, "byol": 256, "swav": 128, "densecl": 128}
+PROTOTYPES = 3000
+METHOD_NAMES = ("mocov3", "byol", "swav", "densecl")
+
+Step = Callable[[list[torch.Tensor]], None]
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def _sizes(quick: bool) -> dict:
+    """batch, view side, rounds, warm-up rounds, SwAV local crops."""
+    if os.environ.get("BENCH_METHODS_TINY"):
+        return dict(batch=8, size=32, rounds=1, warmup=1, local=2)
+    if quick:  # 17 steps of 4-9 s each on 2 cores: 1 warm-up + 2 timed rounds keep all four near 6 minutes
+        return dict(batch=32, size=64, rounds=2, warmup=1, local=2)
+    return dict(batch=64, size=64, rounds=5, warmup=1, local=6)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _fixed_grad(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """A dense upstream gradient in ``out``'s own layout (``.sum()`` would send a stride-0 one)."""
+    g = torch.empty_like(out)  # preserves channels_last strides
+    g.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)))
+    return g
+
+
+# ---------------------------------------------------------------------------------------- our steps
+
+
+def _ours(model: nn.Module) -> Step:
+    """``train_step`` with SGD, the method in channels_last as the pretrain stage's default puts it."""
+    model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, lr=LR)
+    state = {"step": 0}
+
+    def step(views):
+        train_step(model, opt, views, state["step"], MAX_STEPS, LR)
+        state["step"] += 1
+    return step
+
+
+def _bare(base: nn.Module, grad_groups: list[list[int]], target_views: list[int], dense: bool = False) -> Step:
+    """Backbone fwd+bwd on each group of ``grad_groups`` (view indices concatenated into one pass), fwd
+    under no_grad on a frozen copy for each of ``target_views``, SGD step over the backbone; channels_last.
+    ``dense``: through ``forward_features`` (gradient on the unpooled map) instead of the pooled output."""
+    online = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    frozen = copy.deepcopy(online).requires_grad_(False) if target_views else None
+    opt = build_optimizer(online, lr=LR)
+    grads: dict[int, torch.Tensor] = {}
+
+    def encode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = _nhwc(x)
+        return net.forward_features(x) if dense else net(x)
+
+    def step(views):
+        opt.zero_grad(set_to_none=True)
+        outs = [encode(online, torch.cat([views[i] for i in g]) if len(g) > 1 else views[g[0]])
+                for g in grad_groups]
+        for i, o in enumerate(outs):
+            if i not in grads:
+                grads[i] = _fixed_grad(o, seed=i + 1)
+        torch.autograd.backward(outs, [grads[i] for i in range(len(outs))])
+        with torch.no_grad():
+            for i in target_views:
+                encode(frozen, views[i])
+        opt.step()
+    return step
+
+
+def _same_size_groups(views: list[torch.Tensor]) -> list[list[int]]:
+    """Runs of consecutive same-size views (how SwAV batches its crops through the backbone)."""
+    idx = list(range(len(views)))
+    return [list(g) for _, g in itertools.groupby(idx, key=lambda i: tuple(views[i].shape[-2:]))]
+
+
+# ------------------------------------------------------------------------------------- lightly steps
+
+
+def _lightly_sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+
+
+def _frozen_twin(module: nn.Module) -> nn.Module:
+    from lightly.models.utils import deactivate_requires_grad
+
+    twin = copy.deepcopy(module)
+    deactivate_requires_grad(twin)
+    return twin
+
+
+def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, method: str) -> Step:
+    """BYOL / MoCo v3 built from lightly's modules: online backbone + projector + predictor, momentum
+    backbone + projector, both views through both branches."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead
+    from lightly.models.modules.heads import ProjectionHead
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    out = OUT[method]
+
+    class TwoBranch(nn.Module):
+        def __init__(self, backbone: nn.Module):
+            super().__init__()
+            self.backbone = backbone
+            if method == "byol":
+                self.projection_head = BYOLProjectionHead(feat_dim, HIDDEN, out)
+                self.prediction_head = BYOLPredictionHead(out, HIDDEN, out)
+            else:  # MoCo v3, ResNet variant: 2-layer BN projector, predictor without bias and last BN
+                self.projection_head = MoCoProjectionHead(feat_dim, HIDDEN, out, num_layers=2, batch_norm=True)
+                self.prediction_head = ProjectionHead([(out, HIDDEN, nn.BatchNorm1d(HIDDEN), nn.ReLU()),
+                                                       (HIDDEN, out, None, None, False)])
+            self.backbone_momentum = _frozen_twin(self.backbone)
+            self.projection_head_momentum = _frozen_twin(self.projection_head)
+
+        def forward(self, x):
+            return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+        def forward_momentum(self, x):
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    model = TwoBranch(copy.deepcopy(base))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = _lightly_sgd(model)
+    if method == "byol":
+        criterion = NegativeCosineSimilarity()
+
+        def loss_fn(p0, p1, z0, z1):
+            return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+    else:
+        tau = 1.0  # MoCo v3's ResNet temperature, as ours uses for CNNs
+
+        def ctr(q, k):
+            logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / tau
+            return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * (2 * tau)
+
+        def loss_fn(p0, p1, z0, z1):
+            return ctr(p0, z1) + ctr(p1, z0)
+    state = {"step": 0}
+
+    def step(views):
+        x0, x1 = views
+        if channels_last:
+            x0, x1 = _nhwc(x0), _nhwc(x1)
+        m = cosine_schedule(state["step"], MAX_STEPS, 0.99, 1.0)
+        update_momentum(model.backbone, model.backbone_momentum, m=m)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=m)
+        p0, p1 = model(x0), model(x1)
+        z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
+        loss = loss_fn(p0, p1, z0, z1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        float(loss.detach())  # ours converts its metrics to floats too
+        state["step"] += 1
+    return step
+
+
+def _lightly_swav(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
+    from lightly.loss import SwaVLoss
+    from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+
+    out = OUT["swav"]
+
+    class SwaV(nn.Module):
+        def __init__(self, backbone: nn.Module):
+            super().__init__()
+            self.backbone = backbone
+            self.projection_head = SwaVProjectionHead(feat_dim, HIDDEN, out)
+            self.prototypes = SwaVPrototypes(out, n_prototypes=PROTOTYPES)
+
+        def forward(self, x):
+            z = F.normalize(self.projection_head(self.backbone(x).flatten(start_dim=1)), dim=1, p=2)
+            return self.prototypes(z)
+
+    model = SwaV(copy.deepcopy(base))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion = SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    opt = _lightly_sgd(model)
+
+    def step(views):
+        if channels_last:
+            views = [_nhwc(x) for x in views]
+        model.prototypes.normalize()
+        scores = [model(x) for x in views]
+        loss = criterion(scores[:2], scores[2:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        float(loss.detach())
+    return step
+
+
+def _lightly_densecl(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import DenseCLProjectionHead
+    from lightly.models.utils import select_most_similar, update_momentum
+
+    out = OUT["densecl"]
+
+    class DenseCL(nn.Module):
+        def __init__(self, backbone: nn.Module):
+            super().__init__()
+            self.backbone = backbone
+            self.projection_head_global = DenseCLProjectionHead(feat_dim, HIDDEN, out)
+            self.projection_head_local = DenseCLProjectionHead(feat_dim, HIDDEN, out)
+            self.backbone_momentum = _frozen_twin(self.backbone)
+            self.projection_head_global_momentum = _frozen_twin(self.projection_head_global)
+            self.projection_head_local_momentum = _frozen_twin(self.projection_head_local)
+            self.pool = nn.AdaptiveAvgPool2d((1, 1))
+
+        def _encode(self, backbone, head_global, head_local, x):
+            fmap = backbone.forward_features(x)  # lightly's example backbone returns the C5 map
+            g = head_global(self.pool(fmap).flatten(start_dim=1))
+            feats = fmap.flatten(start_dim=2).permute(0, 2, 1)  # [B, H*W, C]
+            return feats, g, head_local(feats)
+
+        def forward(self, x):
+            return self._encode(self.backbone, self.projection_head_global, self.projection_head_local, x)
+
+        def forward_momentum(self, x):
+            return self._encode(self.backbone_momentum, self.projection_head_global_momentum,
+                                self.projection_head_local_momentum, x)
+
+    model = DenseCL(copy.deepcopy(base))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion_global = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
+    criterion_local = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
+    opt = _lightly_sgd(model)
+
+    def step(views):
+        x_q, x_k = views
+        if channels_last:
+            x_q, x_k = _nhwc(x_q), _nhwc(x_k)
+        update_momentum(model.backbone, model.backbone_momentum, m=0.999)
+        update_momentum(model.projection_head_global, model.projection_head_global_momentum, m=0.999)
+        update_momentum(model.projection_head_local, model.projection_head_local_momentum, m=0.999)
+        q_feats, q_global, q_local = model(x_q)
+        k_feats, k_global, k_local = model.forward_momentum(x_k)
+        k_local = select_most_similar(q_feats, k_feats, k_local)
+        loss_global = criterion_global(q_global, k_global)
+        loss_local = criterion_local(q_local.flatten(end_dim=1), k_local.flatten(end_dim=1))
+        loss = 0.5 * (loss_global + loss_local)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        float(loss.detach())
+    return step
+
+
+# ---------------------------------------------------------------------------------------- per method
+
+
+def _setup(quick: bool):
+    sz = _sizes(quick)
+    torch.manual_seed(0)
+    base, feat_dim = build_backbone("resnet18", cifar_stem=True)
+    return sz, base, feat_dim
+
+
+def _views(model: nn.Module, sz: dict) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(sz["batch"], 3, a.size, a.size, generator=g) for a in model.view_augments(sz["size"])]
+
+
+def _time(method: str, sz: dict, views: list[torch.Tensor], steps: dict[str, Step], heads: str) -> dict:
+    print(f"# {method}: resnet18 cifar stem, views {'/'.join(str(v.shape[-1]) for v in views)} px, "
+          f"batch {sz['batch']}, {heads}, {sz['rounds']} interleaved rounds after {sz['warmup']} warm-up")
+    med, times = interleaved_medians({k: (lambda f=f: f(views)) for k, f in steps.items()},
+                                     rounds=sz["rounds"], warmup=sz["warmup"])
+    print(f"# {method}: median s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
+    return times
+
+
+def _report_lightly(method: str, times: dict) -> None:
+    report(f"{method}.ours_over_lightly", median_ratio(times, "ours", "lightly"), "<=0.9")
+    # lightly's model and inputs also in channels_last: what is left besides the layout.
+    report(f"{method}.ours_over_lightly_nhwc", median_ratio(times, "ours", "lightly_nhwc"), "<=1.0")
+
+
+def _two_view(method: str, quick: bool) -> None:
+    if method == "byol":
+        from tasks.pretrain.methods.byol import BYOL as cls
+    else:
+        from tasks.pretrain.methods.mocov3 import MoCoV3 as cls
+    sz, base, feat_dim = _setup(quick)
+    model = cls(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=OUT[method])
+    views = _views(model, sz)
+    if len(views) != 2:
+        raise RuntimeError(f"{method}: expected 2 views, view_augments gives {len(views)}")
+    steps = {
+        "bare": _bare(base, [[0], [1]], [0, 1]),
+        "ours": _ours(model),
+        "lightly": _lightly_two_view(base, feat_dim, False, method),
+        "lightly_nhwc": _lightly_two_view(base, feat_dim, True, method),
+    }
+    if method == "mocov3":
+        print("# mocov3: lightly 1.6 has no MoCo v3 model/loss/example; its side is MoCoProjectionHead(batch_norm"
+              "=True) + ProjectionHead predictor + update_momentum, with the ctr loss written in the bench")
+    times = _time(method, sz, views, steps, f"head {HIDDEN}->{OUT[method]}")
+    report(f"{method}.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
+    _report_lightly(method, times)
+
+
+def _swav(quick: bool) -> None:
+    from tasks.pretrain.methods.swav import SwAV
+
+    sz, base, feat_dim = _setup(quick)
+    model = SwAV(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=OUT["swav"], num_prototypes=PROTOTYPES,
+                 num_local_crops=sz["local"])
+    views = _views(model, sz)
+    steps = {
+        "bare": _bare(base, _same_size_groups(views), []),
+        "ours": _ours(model),
+        "lightly": _lightly_swav(base, feat_dim, False),
+        "lightly_nhwc": _lightly_swav(base, feat_dim, True),
+    }
+    times = _time("swav", sz, views, steps, f"head {HIDDEN}->{OUT['swav']}, {PROTOTYPES} prototypes, "
+                                            f"2 global + {sz['local']} local crops")
+    report("swav.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
+    _report_lightly("swav", times)
+
+
+def _densecl(quick: bool) -> None:
+    from tasks.pretrain.methods.densecl import DenseCL
+    from tasks.pretrain.methods.mocov2 import MoCoV2
+
+    sz, base, feat_dim = _setup(quick)
+    out = OUT["densecl"]
+    model = DenseCL(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=out, queue_size=QUEUE)
+    moco = MoCoV2(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=out, queue_size=QUEUE)
+    views = _views(model, sz)
+    steps = {
+        "bare": _bare(base, [[0]], [1], dense=True),
+        "ours": _ours(model),
+        "mocov2": _ours(moco),
+        "lightly": _lightly_densecl(base, feat_dim, False),
+        "lightly_nhwc": _lightly_densecl(base, feat_dim, True),
+    }
+    times = _time("densecl", sz, views, steps, f"heads {HIDDEN}->{out}, queues {QUEUE}")
+    report("densecl.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
+    report("densecl.step_over_mocov2", median_ratio(times, "ours", "mocov2"), "<=1.01")
+    _report_lightly("densecl", times)
+
+
+_RUNNERS: dict[str, Callable[[bool], None]] = {
+    "mocov3": lambda quick: _two_view("mocov3", quick),
+    "byol": lambda quick: _two_view("byol", quick),
+    "swav": _swav,
+    "densecl": _densecl,
+}
+# ``python -m bench`` (no name) runs every registry entry, i.e. "methods" and each method's own entry:
+# measure each (method, quick) once per process.
+_MEASURED: set[tuple[str, bool]] = set()
+
+
+def _measure(method: str, quick: bool) -> None:
+    if (method, quick) in _MEASURED:
+        print(f"# {method}: measured above in this run")
+        return
+    _MEASURED.add((method, quick))
+    _RUNNERS[method](quick)
+
+
+def _single(method: str, quick: bool) -> None:
+    if (method, quick) not in _MEASURED:
+        setup_threads(2)
+    _measure(method, quick)
+
+
+def run(quick: bool = False) -> None:
+    """Every method in turn (registry name "methods")."""
+    setup_threads(2)
+    for method in METHOD_NAMES:
+        _measure(method, quick)
+
+
+def mocov3(quick: bool = False) -> None:
+    _single("mocov3", quick)
+
+
+def byol(quick: bool = False) -> None:
+    _single("byol", quick)
+
+
+def swav(quick: bool = False) -> None:
+    _single("swav", quick)
+
+
+def densecl(quick: bool = False) -> None:
+    _single("densecl", quick)
