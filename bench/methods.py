@@ -97,6 +97,7 @@ def _ours(model: nn.Module) -> Step:
     def step(views):
         train_step(model, opt, views, state["step"], MAX_STEPS, LR)
         state["step"] += 1
+    step.backbone = model.backbone  # what bench/knn.py evaluates after training
     return step
 
 
@@ -215,6 +216,7 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, metho
         opt.zero_grad()
         float(loss.detach())  # ours converts its metrics to floats too
         state["step"] += 1
+    step.backbone = model.backbone
     return step
 
 
@@ -251,6 +253,7 @@ def _lightly_swav(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
         opt.step()
         opt.zero_grad()
         float(loss.detach())
+    step.backbone = model.backbone
     return step
 
 
@@ -309,6 +312,7 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, channels_last: bool) -> Ste
         opt.step()
         opt.zero_grad()
         float(loss.detach())
+    step.backbone = model.backbone
     return step
 
 

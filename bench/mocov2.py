@@ -56,6 +56,7 @@ def _ours_step(base: nn.Module, feat_dim: int, channels_last: bool = True):
     def step(views):
         train_step(model, opt, views, state["step"], 10_000, LR)
         state["step"] += 1
+    step.backbone = model.backbone  # what bench/knn.py evaluates after training
     return step
 
 
@@ -97,6 +98,7 @@ def _lightly_step(base: nn.Module, feat_dim: int, channels_last: bool = False):
         opt.step()
         opt.zero_grad()
         float(loss.detach())  # ours converts its metrics to floats too
+    step.backbone = model.backbone
     return step
 
 
