@@ -8,6 +8,18 @@ import time
 from pipelines.dag import ROOT
 
 
+def quiet_state_api_warning() -> None:
+    """Worker setup hook of the dashboard-less local cluster: drop Ray Train's placement-group cleaner warning
+    that the State API (served by the dashboard) is unavailable; every other record passes."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "State API may be temporarily unavailable" not in record.getMessage()
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_Drop())
+
+
 class RayRuntime:
     """Starts (or connects to) Ray only when a stage actually has to run."""
 
@@ -25,7 +37,8 @@ class RayRuntime:
             return
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         # No dashboard for the local cluster (start-up time and memory); Ray Train's placement-group cleaner
-        # then warns that the State API is unavailable, which is harmless.
+        # then warns every few seconds that the State API is unavailable, which is true and harmless: a worker
+        # setup hook drops that one message (local cluster only).
         kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SSLFORGE_DEBUG", "OMP_NUM_THREADS") if k in os.environ}
         runtime_env = {"env_vars": env_vars} if env_vars else None
@@ -37,7 +50,8 @@ class RayRuntime:
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING")
         else:
-            ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, **kwargs)
+            local_env = {**(runtime_env or {}), "worker_process_setup_hook": "pipelines.ray_runtime.quiet_state_api_warning"}
+            ray.init(num_cpus=os.cpu_count(), runtime_env=local_env, **kwargs)
         self.started = True
         print(f"[ray] {'connected to ' + address if address else 'local cluster started'} "
               f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)) in {time.time() - t0:.1f}s",
