@@ -89,6 +89,7 @@ def _train(step, augments, images, budget_s: float, seed: int = 0) -> int:
 
 def _pairs(base, feat_dim):
     """method -> (our model, our step, lightly's step or None); identical head sizes on both sides."""
+    from bench import lightly_steps as L
     from bench import methods as M
     from bench import mocov2 as B
     from tasks.pretrain.methods import get_method
@@ -98,13 +99,13 @@ def _pairs(base, feat_dim):
     out["mocov2"] = (moco, M._ours(moco), B._lightly_step(base, feat_dim))
     for name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
-        out[name] = (m, M._ours(m), M._lightly_two_view(base, feat_dim, False, name))
+        out[name] = (m, M._ours(m), L._lightly_two_view(base, feat_dim, False, name))
     swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                               num_prototypes=M.PROTOTYPES, num_local_crops=2)
-    out["swav"] = (swav, M._ours(swav), M._lightly_swav(base, feat_dim, False))
+    out["swav"] = (swav, M._ours(swav), L._lightly_swav(base, feat_dim, False))
     dense = get_method("densecl")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["densecl"],
                                   queue_size=M.QUEUE)
-    out["densecl"] = (dense, M._ours(dense), M._lightly_densecl(base, feat_dim, False))
+    out["densecl"] = (dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False))
     return out
 
 
