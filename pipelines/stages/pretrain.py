@@ -34,7 +34,8 @@ def _load_images(paths: list[str], resolution: int):
 
     ids, labels, imgs = [], [], []
     for p in paths:
-        t = pq.read_table(p)
+        cols = [c for c in ("id", "image", "label") if c in pq.read_schema(p).names]
+        t = pq.read_table(p, columns=cols)  # not the curate table's other columns
         ids += t["id"].to_pylist()
         labels += t["label"].to_pylist() if "label" in t.column_names else [""] * t.num_rows
         imgs.append(batch_to_array(t["image"].to_pylist(), resolution))
@@ -96,8 +97,7 @@ class ViewFeeder:
 
         import torch
 
-        self.np, self.torch, crop = np, torch, crop_masks
-        self.crop_masks = crop
+        self.np, self.torch, self.crop_masks = np, torch, crop_masks
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
         self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
