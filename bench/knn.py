@@ -11,7 +11,7 @@ flattened. ``BENCH knn.<method>.ours_over_lightly`` compares top-1 after equal b
 issue's 0.335) and the random init, also with BN statistics recomputed on the data.
 
 Needs ../shared/data/imagenette224 (skipped with a comment otherwise). Quick: 30 s per run, 100 train
-images per class; full: 600 s per run, all train images (9469) -- on 2 CPU cores neither budget is near a
+images per class; full: 600 s per run, all 3,000 train and 1,000 val images -- on 2 CPU cores neither budget is near a
 real pretraining, so the absolute accuracies stay low; the figures are comparisons at equal budget.
 """
 from __future__ import annotations

@@ -128,6 +128,15 @@ def _bare(base: nn.Module, grad_groups: list[list[int]], target_views: list[int]
     return step
 
 
+def _step_flops(step: Step, views: list[torch.Tensor]) -> int:
+    """Matmul/convolution FLOPs of one call of ``step`` (torch's FlopCounterMode; elementwise work not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(views)
+    return counter.get_total_flops()
+
+
 def _same_size_groups(views: list[torch.Tensor]) -> list[list[int]]:
     """Runs of consecutive same-size views (how SwAV batches its crops through the backbone)."""
     idx = list(range(len(views)))
@@ -227,6 +236,9 @@ def _densecl(quick: bool) -> None:
         "lightly": _lightly_densecl(base, feat_dim, False),
         "lightly_nhwc": _lightly_densecl(base, feat_dim, True),
     }
+    flops = {k: _step_flops(steps[k], views) for k in ("ours", "mocov2")}
+    print(f"# densecl: matmul/conv FLOPs per step {flops['ours'] / flops['mocov2']:.3f}x MoCo v2's (dense head and "
+          "dense loss): where the step is compute-bound this ratio is a floor for step_over_mocov2")
     times = _time("densecl", sz, views, steps, f"heads {HIDDEN}->{out}, queues {QUEUE}")
     report("densecl.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
     report("densecl.step_over_mocov2", median_ratio(times, "ours", "mocov2"), "<=1.01")

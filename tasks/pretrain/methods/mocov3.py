@@ -12,10 +12,8 @@ from torch import nn
 
 from tasks.data.transforms import Augment, byol_views
 from tasks.pretrain.distributed import all_gather_nograd, rank
-from tasks.pretrain.ema import copy_and_freeze, update_ema
 from tasks.pretrain.heads import MLPHead
-from tasks.pretrain.methods.base import Method
-from tasks.pretrain.schedules import cosine_schedule
+from tasks.pretrain.methods._predictor_ema import PredictorEMA
 
 
 def mocov3_contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -57,7 +55,7 @@ def mocov3_predictor(out_dim: int, hidden_dim: int, vit: bool) -> MLPHead:
                                    last_bn_affine=False))
 
 
-class MoCoV3(Method):
+class MoCoV3(PredictorEMA):
     """MoCo v3 per METHODS.md 7.2: projector feat->4096->256 (ViT: feat->4096->4096->256), predictor
     256->4096->256, momentum 0.99 -> 1 by half-cosine over ``max_steps``, in-batch negatives.
 
@@ -73,10 +71,9 @@ class MoCoV3(Method):
     def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int = 4096, out_dim: int = 256,
                  temperature: float | None = None, momentum: float = 0.99, vit: bool | None = None,
                  freeze_patch_embed: bool | None = None):
-        super().__init__(backbone, feat_dim)
+        super().__init__(backbone, feat_dim, momentum=momentum)
         self.vit = hasattr(backbone, "patch_embed") if vit is None else bool(vit)
         self.temperature = (0.2 if self.vit else 1.0) if temperature is None else float(temperature)
-        self.momentum = momentum
         self.freeze_patch_embed = self.vit if freeze_patch_embed is None else bool(freeze_patch_embed)
         if self.freeze_patch_embed:
             patch_embed = getattr(backbone, "patch_embed", None)
@@ -86,43 +83,14 @@ class MoCoV3(Method):
             getattr(patch_embed, "proj", patch_embed).requires_grad_(False)
         self.projector = mocov3_projector(feat_dim, hidden_dim, out_dim, self.vit)
         self.predictor = mocov3_predictor(out_dim, hidden_dim, self.vit)
-        self.backbone_k = copy_and_freeze(self.backbone)
-        self.projector_k = copy_and_freeze(self.projector)
+        self.make_momentum_encoder()
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Base encoder: backbone -> projector -> predictor (unnormalised)."""
-        return self.predictor(self.projector(self.backbone(x).flatten(1)))
-
-    @torch.no_grad()
-    def key(self, x: torch.Tensor) -> torch.Tensor:
-        """Momentum encoder: EMA backbone -> EMA projector (unnormalised, no gradient)."""
-        return self.projector_k(self.backbone_k(x).flatten(1))
-
-    def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
-                pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        x1, x2 = views
-        q1, q2 = self.query(x1), self.query(x2)
-        k1, k2 = self.key(x1), self.key(x2)
-        # Image i's own term: both directions, so mean over images == ctr(q1, k2) + ctr(q2, k1).
-        per_image = (mocov3_contrastive(q1, k2, self.temperature)
-                     + mocov3_contrastive(q2, k1, self.temperature))
-        with torch.no_grad():
-            pos_cos = 0.5 * (F.cosine_similarity(q1, k2).mean() + F.cosine_similarity(q2, k1).mean())
-        return {"loss": self.reduce(per_image, pair_weights), "pos_cos": pos_cos.detach()}
+    def pair_loss(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return mocov3_contrastive(p, z, self.temperature)
 
     def view_augments(self, size: int) -> list[Augment]:
         # Crop scale (0.2, 1) as in the reference commands of moco-v3 CONFIG.md (the code default is 0.08).
         return byol_views(size, min_scale=0.2)
-
-    def current_momentum(self, step: int, max_steps: int) -> float:
-        """``m_t = 1 - (1 - m0) (1 + cos(pi t / T)) / 2`` (METHODS.md 7.2)."""
-        return cosine_schedule(step, max_steps, self.momentum, 1.0)
-
-    @torch.no_grad()
-    def after_step(self, step: int, max_steps: int) -> None:
-        m = self.current_momentum(step, max_steps)
-        update_ema(self.backbone, self.backbone_k, m)
-        update_ema(self.projector, self.projector_k, m)
 
 
 METHOD = MoCoV3
