@@ -18,7 +18,8 @@ REGISTRY: dict[str, str] = {
     "byol": "bench.methods:byol",  # byol.step_over_backbone, byol.ours_over_lightly[...]
     "swav": "bench.methods:swav",  # swav.step_over_backbone, swav.ours_over_lightly[...]
     "densecl": "bench.methods:densecl",  # densecl.step_over_backbone, densecl.step_over_mocov2, ...
-    "knn": "bench.knn:run",  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
+    "knn": "bench.knn:run",
+    "genview": "bench.genview:run",  # masks.stage_over_loop, views.stage_over_loop (Ray Data vs a plain loop)  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
 }
 
 

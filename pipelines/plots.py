@@ -64,3 +64,28 @@ def mask_grid_figure(images: list, masks: list, gt: list | None = None, title: s
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def views_grid_figure(rows: list[tuple], title: str = "GenView: original | foreground | variation"):
+    """One row per example: (image, mask, variation, label) with the label (noise level, fg ratio) on the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.8 * len(rows)), dpi=100, squeeze=False)
+    for i, (img, mask, view, label) in enumerate(rows):
+        overlay = np.asarray(img, float) / 255.0
+        m = np.asarray(mask, bool)
+        overlay[m] = 0.5 * overlay[m] + 0.5 * np.array([1.0, 0.2, 0.2])
+        for j, p in enumerate((img, overlay, view)):
+            axes[i, j].imshow(p)
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        axes[i, 0].set_ylabel(label, fontsize=7)
+    for j, name in enumerate(["original", "foreground", "variation"]):
+        axes[0, j].set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

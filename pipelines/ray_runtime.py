@@ -109,13 +109,14 @@ def submit_job(address: str, argv: list[str]) -> int:
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def actor_pool_size(limit: int = 0) -> int:
-    """Actors for a map stage: leave one CPU for the read/other tasks, or a small cluster deadlocks
-    (every CPU held by an idle actor while the read task that would feed it waits for one)."""
+def actor_pool_size(limit: int = 0, reserve: int = 1) -> int:
+    """Actors for a map stage. ``reserve=1`` leaves one CPU for read tasks, or a small cluster deadlocks
+    (every CPU held by an idle actor while the read task that would feed it waits for one); a dataset built
+    from tables already in the object store (``from_arrow``) has no read tasks and can use ``reserve=0``."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n = max(1, cpus - 1)
+    n = max(1, cpus - reserve)
     return min(n, limit) if limit else n
 
 

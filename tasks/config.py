@@ -55,10 +55,34 @@ class MasksConfig:
 
 @dataclass(frozen=True)
 class ViewsConfig:
-    generator: str = "none"  # "none": classic augmentations only (GenView off)
+    generator: str = "none"  # "none": classic augmentations only (GenView off) | "unclip": diffusion variations
+    model: str = "stabilityai/stable-diffusion-2-1-unclip"  # hub id, local folder, or "tiny-random" (tests)
+    revision: str = ""  # hub revision (commit or tag); empty: the default
+    guidance_scale: float = 10.0
+    steps: int = 20  # denoising steps
+    size: int = 512  # side of each generated variation
+    prompt: str = ""  # GenView conditions on the image only; the empty prompt is the faithful choice
+    views_per_image: int = 1
+    batch_size: int = 4  # images per pipeline call (calls never mix noise levels)
+    retries: int = 1  # further attempts for an image whose generation failed, before it is quarantined
+    use_gpu: str = "auto"  # auto (one actor per GPU, fp16, when the cluster has GPUs) | yes | no
+    seed: int = 0  # with the image id, fixes each view's diffusion noise
     noise_bins: tuple = (0.2, 0.4, 0.6, 0.8, 1.0)  # right-closed bins on the foreground ratio
     noise_levels: tuple = (0, 100, 200, 300, 400)
-    prob_generated: float = 1.0
+    prob_generated: float = 1.0  # chance that one of a pair's two views comes from a variation
+
+    def __post_init__(self):
+        if self.generator not in ("none", "unclip"):
+            raise ConfigError(f"views.generator: expected 'none' or 'unclip', got {self.generator!r}")
+        if self.use_gpu not in ("auto", "yes", "no"):
+            raise ConfigError(f"views.use_gpu: expected auto, yes or no, got {self.use_gpu!r}")
+        if len(self.noise_bins) != len(self.noise_levels):
+            raise ConfigError("views.noise_levels: one level per entry of views.noise_bins")
+        if not 0.0 <= self.prob_generated <= 1.0:
+            raise ConfigError(f"views.prob_generated: expected a probability, got {self.prob_generated}")
+        for key in ("views_per_image", "batch_size", "steps", "size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"views.{key}: expected >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

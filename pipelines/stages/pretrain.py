@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 STATE = "state.pt"
@@ -24,46 +22,6 @@ def _say(message: str) -> None:
     """One line on the worker's real stdout (Ray forwards it to the driver). Ray Train patches ``print`` to
     also go through its logger, which printed every line twice."""
     print(message, file=sys.__stdout__, flush=True)
-
-
-def _load_images(paths: list[str], resolution: int):
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from tasks.data.images import batch_to_array
-
-    ids, labels, imgs = [], [], []
-    for p in paths:
-        cols = [c for c in ("id", "image", "label") if c in pq.read_schema(p).names]
-        t = pq.read_table(p, columns=cols)  # not the curate table's other columns
-        ids += t["id"].to_pylist()
-        labels += t["label"].to_pylist() if "label" in t.column_names else [""] * t.num_rows
-        imgs.append(batch_to_array(t["image"].to_pylist(), resolution))
-    return ids, labels, np.concatenate(imgs) if imgs else np.zeros((0, resolution, resolution, 3), np.uint8)
-
-
-def _load_masks(paths: list[str], ids: list[str], resolution: int):
-    """Foreground masks from the views output, aligned with ``ids``, as float ``[N, R, R]`` at the images'
-    resolution (the masks are in the same square frame as the images, at the masks stage's resolution)."""
-    import io
-
-    import numpy as np
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    by_id = {}
-    for p in paths:
-        t = pq.read_table(p, columns=["id", "mask"])
-        by_id.update(zip(t["id"].to_pylist(), t["mask"].to_pylist()))
-    missing = [i for i in ids if not by_id.get(i)]
-    if missing:
-        raise ValueError(f"quality weighting needs a mask per image; {len(missing)} have none (e.g. {missing[0]})")
-    out = np.empty((len(ids), resolution, resolution), np.float32)
-    for n, i in enumerate(ids):
-        with Image.open(io.BytesIO(by_id[i])) as im:
-            out[n] = np.asarray(im.convert("L").resize((resolution, resolution), Image.Resampling.BILINEAR),
-                                np.float32) / 255.0
-    return out
 
 
 def monitor_split(labels: list[str], size: int, seed: int):
@@ -83,55 +41,6 @@ def monitor_split(labels: list[str], size: int, seed: int):
     y = np.array([classes.index(labels[i]) for i in idx])
     bank, held_out = stratified_split(y, 0.3, seed)
     return idx, y, bank, held_out
-
-
-class ViewFeeder:
-    """Background thread: per step, the worker's batch indices -> augmented views (prefetch 2)."""
-
-    def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
-                 augments: list, channels_last: bool = False, masks=None):
-        import numpy as np
-
-        from tasks.data.transforms import MultiView
-        from tasks.pretrain.quality import crop_masks
-
-        import torch
-
-        self.np, self.torch, self.crop_masks = np, torch, crop_masks
-        self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
-        self.steps_per_epoch = max(1, len(images) // (per_worker * world))
-        self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
-        self.channels_last = channels_last
-        self.masks = masks  # [N, R, R] float foreground masks in the images' frame, or None
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
-        self.t.start()
-
-    def indices(self, step: int):
-        epoch, i = divmod(step, self.steps_per_epoch)
-        perm = self.np.random.default_rng(self.seed + epoch).permutation(len(self.images))
-        glob = perm[i * self.per * self.world:(i + 1) * self.per * self.world]
-        return glob[self.rank::self.world]  # each rank its slice of the global batch: global semantics
-
-    def _work(self, start: int, stop: int) -> None:
-        # (no torch.set_num_threads here: it is process-wide and would throttle the training step)
-        for step in range(start, stop):
-            idx = self.indices(step)
-            extra = {}
-            if self.masks is None:
-                views = self.views([self.images[j] for j in idx])
-            else:  # masks follow the first two views' crops and flips
-                views, geoms = self.views([self.images[j] for j in idx], with_geometry=True)
-                extra["masks"] = [self.crop_masks([self.masks[j] for j in idx], geoms[v], self.views.augments[v].size)
-                                  for v in (0, 1)]
-            if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
-                views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
-            self.q.put((views, extra))
-
-    def next(self):
-        t0 = time.perf_counter()
-        v = self.q.get()
-        return v, time.perf_counter() - t0
 
 
 def _resume_state(latest_file: str, rank: int, world: int) -> dict | None:
@@ -174,6 +83,7 @@ def train_loop(config: dict) -> None:
     from tasks.data.transforms import with_overrides
     from tasks.evaluate.classification import knn_monitor
     from tasks.models.backbone import build_backbone
+    from tasks.pretrain.feeder import ViewFeeder, load_images, load_masks, load_variations
     from tasks.pretrain.loop import build_optimizer, train_step
     from tasks.pretrain.methods import get_method
     from tasks.pretrain.quality import QualityWeighter
@@ -186,7 +96,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(c["threads_per_worker"])
     torch.manual_seed(c["seed"])
     device = ray.train.torch.get_device()
-    ids, labels, images = _load_images(c["paths"], c["resolution"])
+    ids, labels, images = load_images(c["paths"], c["resolution"])
     per = c["batch_size"] // world
     steps_per_epoch = max(1, len(images) // c["batch_size"])
     max_steps = c["max_steps"] or c["epochs"] * steps_per_epoch
@@ -223,9 +133,16 @@ def train_loop(config: dict) -> None:
     if c["quality_encoder"]:
         qenc, _ = build_backbone(c["quality_encoder"], checkpoint=c["quality_checkpoint"], **c["quality_encoder_kwargs"])
         weighter = QualityWeighter(qenc, c["quality_gamma"]).to(device)
-        masks = _load_masks(c["views_paths"], ids, c["resolution"])
+        masks = load_masks(c["views_paths"], ids, c["resolution"])
+    variations, variation_masks = (None, None)
+    if c["prob_generated"] > 0:
+        variations, variation_masks = load_variations(c["views_paths"], ids, c["resolution"], with_masks=masks is not None)
+        if rank == 0 and variations is not None:
+            _say(f"[pretrain] GenView pairing: {sum(len(v) > 0 for v in variations)}/{len(ids)} images have "
+                 f"generated variations; one view of a pair comes from one with probability {c['prob_generated']}")
     feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
-                        channels_last=c["channels_last"], masks=masks)
+                        channels_last=c["channels_last"], masks=masks, variations=variations,
+                        variation_masks=variation_masks, prob_generated=c["prob_generated"])
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         (views, extra), wait = feeder.next()
@@ -273,6 +190,16 @@ def train_loop(config: dict) -> None:
         _say(f"[pretrain] {max_steps - start} steps in {time.perf_counter() - t_start:.1f}s")
 
 
+def _prob_generated(storage) -> float:
+    """The views stage's pairing choice (its output, so that a change reruns this stage)."""
+    import json
+
+    try:
+        return float(json.loads(storage.read_file("views", "pairing.json"))["prob_generated"])
+    except (FileNotFoundError, OSError, KeyError):
+        return 0.0
+
+
 def run(ctx) -> dict:
     import pyarrow as pa
     import torch
@@ -284,7 +211,7 @@ def run(ctx) -> dict:
     cfg = ctx.cfg
     c = to_dict(cfg)
     c.update(paths=ctx.storage.table_paths("curate"), views_paths=ctx.storage.table_paths("views"),
-             tracking_uri=ctx.tracker.uri, run_id=ctx.run_id)
+             tracking_uri=ctx.tracker.uri, run_id=ctx.run_id, prob_generated=_prob_generated(ctx.storage))
     name = f"pretrain-{ctx.cache_key[:16]}"
     work = ctx.work_uri
     if ctx.storage.is_local:

@@ -150,6 +150,8 @@ class MultiView:
 
     ``seed`` makes the whole sequence of calls reproducible (one generator owned by this object).
     ``with_geometry=True`` also returns, per view, the list of each image's :class:`Geometry`.
+    ``per_view=True``: ``images`` is one list per view (e.g. GenView's pairing puts a generated variation in
+    one slot), instead of one list shared by every view.
     """
 
     def __init__(self, augments: list[Augment], seed: int | None = None):
@@ -159,10 +161,12 @@ class MultiView:
         self.num_views = len(self.augments)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def __call__(self, images, with_geometry: bool = False):
+    def __call__(self, images, with_geometry: bool = False, per_view: bool = False):
+        if per_view and len(images) != self.num_views:
+            raise ValueError(f"per_view: expected {self.num_views} image lists, got {len(images)}")
         views, geoms = [], []
-        for aug in self.augments:
-            pairs = [aug.apply(im, self.generator) for im in images]
+        for v, aug in enumerate(self.augments):
+            pairs = [aug.apply(im, self.generator) for im in (images[v] if per_view else images)]
             views.append(normalize_batch([p[0] for p in pairs]))
             geoms.append([p[1] for p in pairs])
         return (views, geoms) if with_geometry else views

@@ -42,9 +42,10 @@ class GenerationSettings:
     prompt: str = ""
 
 
-def view_seed(image_id: str, base_seed: int = 0) -> int:
-    """A 63-bit seed from (base seed, image id): the same id always gives the same view."""
-    digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
+def view_seed(image_id: str, base_seed: int = 0, view_index: int = 0) -> int:
+    """A 63-bit seed from (base seed, image id, view index): the same id always gives the same view."""
+    key = f"{base_seed}:{image_id}" if view_index == 0 else f"{base_seed}:{image_id}#{view_index}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -187,8 +188,9 @@ def generate(pipe, images: list[np.ndarray], noise_level: int, seeds: list[int],
 
 
 class VariationGenerator:
-    """Callable class for a Ray Data actor pool: batch ``{id, image (bytes), noise_level}`` -> one row per
-    image ``{id, view (JPEG bytes, empty on failure), noise_level, seed, error}``.
+    """Callable class for a Ray Data actor pool: batch ``{id, image (bytes), noise_level[, view_index]}`` ->
+    one row per input row ``{id, view_index, view (JPEG bytes, empty on failure), noise_level, seed, error,
+    model, revision, weights}`` (the last three: :func:`pipeline_fingerprint`).
 
     ``retries``: a failed group is retried image by image, each image up to ``retries`` more times; an image
     that still fails gets its reason in ``error`` (the stage quarantines it) and the batch goes on.
@@ -205,18 +207,19 @@ class VariationGenerator:
         self.pipe = load_pipeline(model, device=device, revision=revision, seed=seed)
         self.fingerprint = pipeline_fingerprint(self.pipe, model)
 
-    def _one_group(self, ids: list[str], images: list[np.ndarray], level: int) -> list[bytes]:
+    def _one_group(self, ids: list[str], images: list[np.ndarray], level: int, seeds: list[int]) -> list[bytes]:
         bad = [i for i in ids if i in self.fail_ids]
         if bad:
             raise RuntimeError(f"injected failure for {bad[0]}")
-        views = generate(self.pipe, images, level, [view_seed(i, self.seed) for i in ids], self.settings)
-        return [encode_jpeg(v) for v in views]
+        return [encode_jpeg(v) for v in generate(self.pipe, images, level, seeds, self.settings)]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from tasks.data.images import to_square
 
         ids = [str(i) for i in batch["id"]]
         levels = [int(x) for x in batch["noise_level"]]
+        index = [int(x) for x in batch["view_index"]] if "view_index" in batch else [0] * len(ids)
+        seeds = [view_seed(i, self.seed, k) for i, k in zip(ids, index)]
         views: list[bytes] = [b""] * len(ids)  # by row: an id may repeat (e.g. several views of one image)
         errors: list[str] = [""] * len(ids)
         images: list[np.ndarray | None] = []
@@ -231,7 +234,8 @@ class VariationGenerator:
             if not rows:
                 continue
             try:
-                for j, v in zip(rows, self._one_group([ids[j] for j in rows], [images[j] for j in rows], level)):
+                for j, v in zip(rows, self._one_group([ids[j] for j in rows], [images[j] for j in rows], level,
+                                                      [seeds[j] for j in rows])):
                     views[j] = v
                 continue
             except Exception:  # noqa: BLE001 -- fall back to one image at a time, so one bad image costs only itself
@@ -239,13 +243,14 @@ class VariationGenerator:
             for j in rows:
                 for attempt in range(self.retries + 1):
                     try:
-                        views[j], errors[j] = self._one_group([ids[j]], [images[j]], level)[0], ""
+                        views[j], errors[j] = self._one_group([ids[j]], [images[j]], level, [seeds[j]])[0], ""
                         break
                     except Exception as e:  # noqa: BLE001
                         last = traceback.format_exception_only(type(e), e)[-1].strip()
                         errors[j] = f"generation failed after {attempt + 1} attempt(s): {last}"
-        return {"id": ids, "view": views, "noise_level": levels, "seed": [view_seed(i, self.seed) for i in ids],
-                "error": errors}
+        n, fp = len(ids), self.fingerprint
+        return {"id": ids, "view_index": index, "view": views, "noise_level": levels, "seed": seeds, "error": errors,
+                "model": [fp["model"]] * n, "revision": [fp["revision"]] * n, "weights": [fp["weights_sha256"]] * n}
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
