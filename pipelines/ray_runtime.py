@@ -120,6 +120,12 @@ def actor_pool_size(limit: int = 0, reserve: int = 1) -> int:
     return min(n, limit) if limit else n
 
 
+def in_blocks(table, rows: int) -> list:
+    """A table cut into blocks of ``rows`` (zero-copy slices) for ``ray.data.from_arrow``: one block is one
+    unit of work, so a single-block dataset would feed a single actor of the pool."""
+    return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
+
+
 def read_stage(storage, stage: str, columns: list[str], table: str = "data"):
     """A Ray Dataset over a committed stage table; read tasks take a fraction of a CPU (see above)."""
     import ray

@@ -71,19 +71,6 @@ class ViewsConfig:
     noise_levels: tuple = (0, 100, 200, 300, 400)
     prob_generated: float = 1.0  # chance that one of a pair's two views comes from a variation
 
-    def __post_init__(self):
-        if self.generator not in ("none", "unclip"):
-            raise ConfigError(f"views.generator: expected 'none' or 'unclip', got {self.generator!r}")
-        if self.use_gpu not in ("auto", "yes", "no"):
-            raise ConfigError(f"views.use_gpu: expected auto, yes or no, got {self.use_gpu!r}")
-        if len(self.noise_bins) != len(self.noise_levels):
-            raise ConfigError("views.noise_levels: one level per entry of views.noise_bins")
-        if not 0.0 <= self.prob_generated <= 1.0:
-            raise ConfigError(f"views.prob_generated: expected a probability, got {self.prob_generated}")
-        for key in ("views_per_image", "batch_size", "steps", "size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"views.{key}: expected >= 1, got {getattr(self, key)}")
-
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -259,10 +246,18 @@ def validate(cfg: PipelineConfig) -> None:
     """Cross-field checks that a type alone cannot express."""
     if not cfg.curate.input:
         raise ConfigError("curate.input: required (an image folder, a Parquet path, a URI or builtin://shapes)")
-    if cfg.views.generator != "none":
-        raise ConfigError(f"views.generator: {cfg.views.generator!r} is not available yet (use 'none')")
-    if len(cfg.views.noise_bins) != len(cfg.views.noise_levels):
+    v = cfg.views
+    if v.generator not in ("none", "unclip"):
+        raise ConfigError(f"views.generator: expected 'none' or 'unclip', got {v.generator!r}")
+    if v.use_gpu not in ("auto", "yes", "no"):
+        raise ConfigError(f"views.use_gpu: expected auto, yes or no, got {v.use_gpu!r}")
+    if len(v.noise_bins) != len(v.noise_levels):
         raise ConfigError("views.noise_levels: must have one level per entry of views.noise_bins")
+    if not 0.0 <= v.prob_generated <= 1.0:
+        raise ConfigError(f"views.prob_generated: expected a probability in [0, 1], got {v.prob_generated}")
+    for key in ("views_per_image", "batch_size", "steps", "size"):
+        if getattr(v, key) < 1:
+            raise ConfigError(f"views.{key}: expected >= 1, got {getattr(v, key)}")
     if not 0.0 < cfg.masks.foreground_fraction < 1.0:
         raise ConfigError("masks.foreground_fraction: must be in (0, 1)")
     if cfg.pretrain.num_workers < 1:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import sources
-from pipelines.ray_runtime import actor_pool_size
+from pipelines.ray_runtime import actor_pool_size, in_blocks
 from tasks.views.masks import MaskPredictor
 
 
@@ -47,7 +47,7 @@ def run(ctx) -> dict:
     sample = curate.take(pa.array(idx))["image"].to_pylist()
     u, alpha, stats = ray.get(ray.remote(_fit_task).remote(sample, cfg))
     ctx.log(f"PCA direction fitted on {len(sample)} images: alpha={alpha:.4f}, {stats}")
-    ds = ray.data.from_arrow(curate.select(["id", "image"]))
+    ds = ray.data.from_arrow(in_blocks(curate.select(["id", "image"]), cfg.batch_size))
     pool = actor_pool_size(reserve=0)  # in-memory input: no read task to leave a CPU for
     t0 = time.perf_counter()
     out = ds.map_batches(MaskPredictor, fn_constructor_kwargs=dict(

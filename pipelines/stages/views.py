@@ -117,7 +117,7 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
     """Every (image, view index) -> a cached or newly generated view; failures -> quarantine rows."""
     import ray
 
-    from pipelines.ray_runtime import actor_pool_size
+    from pipelines.ray_runtime import actor_pool_size, in_blocks
     from tasks.views.generate import VariationGenerator
 
     cfg = ctx.cfg
@@ -129,7 +129,10 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
         sha = sha256_bytes(images[i])
         for k in range(cfg.views_per_image):
             hit = done.get((i, k, sha, lv))
-            (rows.append(hit) if hit else wanted.append({"id": i, "view_index": k, "noise_level": lv, "source_sha": sha}))
+            if hit:
+                rows.append(hit)
+            else:
+                wanted.append({"id": i, "view_index": k, "noise_level": lv, "source_sha": sha})
     reused = len(rows)
     ctx.log(f"{reused} views reused from {cache.dir}, {len(wanted)} to generate with {cfg.model} "
             f"({cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.size} px)")
@@ -145,9 +148,9 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
         actor = dict(model=cfg.model, settings=_settings(cfg), seed=cfg.seed, device="cuda" if gpus else "cpu",
                      threads=0 if gpus else 1, retries=cfg.retries, revision=cfg.revision or None, fail_ids=fail_ids)
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        out = ray.data.from_arrow(table).map_batches(
+        out = ray.data.from_arrow(in_blocks(table, cfg.batch_size)).map_batches(
             VariationGenerator, fn_constructor_kwargs=actor, batch_size=cfg.batch_size,
-            concurrency=gpus or actor_pool_size(reserve=0), batch_format="pyarrow", **resources)
+            concurrency=gpus or actor_pool_size(reserve=0), **resources)
         last_log = t0
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             for r in batch.to_pylist():
@@ -184,7 +187,7 @@ def _variation_masks(ctx, rows: list[dict]) -> list[bytes]:
 
     import ray
 
-    from pipelines.ray_runtime import actor_pool_size
+    from pipelines.ray_runtime import actor_pool_size, in_blocks
     from tasks.views.masks import MaskPredictor
 
     if not rows:
@@ -193,7 +196,8 @@ def _variation_masks(ctx, rows: list[dict]) -> list[bytes]:
     u = np.load(io.BytesIO(ctx.storage.read_file("masks", "pca_direction.npy")))
     alpha = json.loads(ctx.storage.read_file("masks", "pca.json"))["alpha"]
     keys = [f"{r['id']}#{r['view_index']}" for r in rows]
-    ds = ray.data.from_arrow(pa.table({"id": keys, "image": pa.array([r["view"] for r in rows], pa.binary())}))
+    table = pa.table({"id": keys, "image": pa.array([r["view"] for r in rows], pa.binary())})
+    ds = ray.data.from_arrow(in_blocks(table, mcfg.batch_size))
     out = ds.map_batches(MaskPredictor, fn_constructor_kwargs=dict(
         encoder=mcfg.encoder, direction=u, alpha=alpha, resolution=mcfg.resolution, checkpoint=mcfg.checkpoint,
         encoder_kwargs=mcfg.encoder_kwargs, seed=mcfg.seed), concurrency=actor_pool_size(reserve=0),

@@ -249,8 +249,10 @@ class VariationGenerator:
                         last = traceback.format_exception_only(type(e), e)[-1].strip()
                         errors[j] = f"generation failed after {attempt + 1} attempt(s): {last}"
         n, fp = len(ids), self.fingerprint
-        return {"id": ids, "view_index": index, "view": views, "noise_level": levels, "seed": seeds, "error": errors,
-                "model": [fp["model"]] * n, "revision": [fp["revision"]] * n, "weights": [fp["weights_sha256"]] * n}
+        # bytes as an object array: never numpy's fixed-width "S" type, which drops trailing NUL bytes
+        return {"id": ids, "view_index": index, "view": np.array(views, dtype=object), "noise_level": levels,
+                "seed": seeds, "error": errors, "model": [fp["model"]] * n, "revision": [fp["revision"]] * n,
+                "weights": [fp["weights_sha256"]] * n}
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
