@@ -118,7 +118,12 @@ class Tracker:
         self.mlflow.log_artifact(local_path, artifact_path)
 
     def log_figure(self, fig, path: str) -> None:
-        self.mlflow.log_figure(fig, path)
+        import matplotlib.pyplot as plt
+
+        try:
+            self.mlflow.log_figure(fig, path)
+        finally:
+            plt.close(fig)  # pyplot keeps every figure alive until closed
 
     def log_encoder(self, model, registered_name: str | None, input_example=None) -> dict:
         """Log a torch encoder as an MLflow model (and register it); returns its URIs."""
