@@ -57,6 +57,27 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_store(ray_local, tmp_path_factory) -> Path:
+    """The TINY pipeline run once, in process, for the whole session: every stage's output and its MLflow
+    runs. Tests that need committed upstream outputs start from a copy (:func:`copy_store`) instead of
+    recomputing curate..views; their own stages still run for real."""
+    from pipelines.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny-store")
+    storage = tmp / "store"
+    assert main(["run", str(write_pipeline(tmp / "pipeline.yaml")), "--storage", str(storage)]) == 0
+    return storage
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A private copy of a storage root (stage outputs, manifests, the SQLite MLflow store), without the
+    scratch space of resumable work. The copied experiment keeps the source's artifact location, so
+    artifacts of later runs land next to the source's (run ids keep them apart)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".work", ".staging"))
+    return dst
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """The real command line in a subprocess: (returncode, stdout, stderr)."""
     e = {**os.environ, **(env or {})}

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from tests.conftest import ROOT, procs_with, write_pipeline
+from tests.conftest import ROOT, copy_store, procs_with, write_pipeline
 
 MAX_STEPS = 40
 
@@ -26,10 +26,11 @@ def _pgroup_alive(pgid: int) -> bool:
         return False
 
 
-def test_pretrain_resumes_after_sigkill(tmp_path):
+def test_pretrain_resumes_after_sigkill(tiny_store, tmp_path):
     pipe = write_pipeline(tmp_path / "pipeline.yaml",
                           {"pretrain": {"max_steps": MAX_STEPS, "checkpoint_every": 5}})
-    storage = tmp_path / "store"
+    # curate..views committed already (the session's tiny run): the killed run is in pretrain within seconds
+    storage = copy_store(tiny_store, tmp_path / "store")
     # a private, short Ray temp root (unix socket paths are limited to ~107 chars): every Ray process the run
     # starts carries it in its command line, so we can tell that none of them outlived the kill
     ray_tmp = tempfile.mkdtemp(prefix="rsm", dir="/tmp")
@@ -65,9 +66,9 @@ def test_pretrain_resumes_after_sigkill(tmp_path):
             time.sleep(0.5)
         assert not _pgroup_alive(p.pid), "processes of the killed run's group are still alive"
         assert not procs_with(ray_tmp), procs_with(ray_tmp)
-        # atomic commit: no visible pretrain output, the upstream stages are committed
-        assert not (storage / "pretrain").exists()
-        assert (storage / "views" / "manifest.json").exists()
+        # atomic commit: the visible pretrain output is still the copied 4-step one, nothing partial
+        assert json.loads((storage / "pretrain" / "manifest.json").read_text())["metrics"]["steps"] == 4
+        assert not list((storage / "pretrain").glob("*.tmp*"))
 
         # the same command again: upstream cached, pretrain resumes from the latest checkpoint
         t1 = time.time()

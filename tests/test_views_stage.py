@@ -9,7 +9,7 @@ import os
 import pytest
 
 from pipelines.cli import main
-from tests.conftest import write_pipeline
+from tests.conftest import copy_store, write_pipeline
 
 GENVIEW = {"generator": "unclip", "model": "tiny-random", "size": 32, "steps": 2, "batch_size": 8}
 
@@ -21,10 +21,10 @@ def _counts(storage) -> dict:
 
 
 @pytest.fixture(scope="module")
-def genview_run(ray_local, tmp_path_factory):
+def genview_run(tiny_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("genview")
     pipe = write_pipeline(tmp / "pipeline.yaml", {"views": GENVIEW, "pretrain": {"quality_encoder": "tiny_convnet"}})
-    storage = tmp / "store"
+    storage = copy_store(tiny_store, tmp / "store")  # curate, cluster, masks cached; views onwards run
     args = [str(pipe), "--storage", str(storage)]
     assert main(["run", *args]) == 0
     return storage, args

@@ -10,15 +10,15 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, write_pipeline
+from tests.conftest import ROOT, copy_store, write_pipeline
 
 MAX_STEPS, EVERY = 40, 5
 
 
-def test_killed_train_worker_restores_from_checkpoint(tmp_path):
+def test_killed_train_worker_restores_from_checkpoint(tiny_store, tmp_path):
     pipe = write_pipeline(tmp_path / "pipeline.yaml", {"pretrain": {
         "max_steps": MAX_STEPS, "checkpoint_every": EVERY, "log_every": 1, "knn_monitor_every": 0}})
-    storage = tmp_path / "store"
+    storage = copy_store(tiny_store, tmp_path / "store")  # curate..views committed: only pretrain, evaluate run
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "run.log"
@@ -56,7 +56,11 @@ def test_killed_train_worker_restores_from_checkpoint(tmp_path):
 
     client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
     exp = client.get_experiment_by_name("sslforge-tests")
-    runs = client.search_runs([exp.experiment_id], "tags.`sslforge.stage` = 'pretrain'")
+    import json
+
+    key = json.loads((storage / "pretrain" / "manifest.json").read_text())["cache_key"]
+    runs = client.search_runs([exp.experiment_id], f"tags.`sslforge.stage` = 'pretrain' and "
+                                                   f"tags.`sslforge.cache_key` = '{key}' and tags.`sslforge.cached` = 'false'")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     steps = [h.step for h in client.get_metric_history(runs[0].info.run_id, "step_time")]
     assert max(steps) == MAX_STEPS - 1 and set(range(MAX_STEPS)) <= set(steps)
