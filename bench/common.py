@@ -5,12 +5,33 @@ import statistics
 import time
 from typing import Callable
 
+import contextlib
+
 import torch
+
+from tasks.pretrain.loop import autocast_dtype
+
+# The precision the pretrain stage runs at by default (``pretrain.precision: auto``) on this machine's CPU:
+# bf16 autocast where the CPU has bf16 matrix units (AMX), else fp32. Ours and the bare backbone work use it;
+# lightly's recipes run as its examples do (fp32), and once more "matched" to our layout and precision.
+AUTOCAST = autocast_dtype("auto", "cpu")
+
+
+def precision_name() -> str:
+    return "bf16 autocast" if AUTOCAST is not None else "fp32"
+
+
+def autocast(enabled: bool = True):
+    """The forward context of ``AUTOCAST`` (a no-op when it is fp32 or ``enabled`` is False)."""
+    if AUTOCAST is None or not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=AUTOCAST)
 
 
 def setup_threads(n: int = 2) -> None:
     torch.set_num_threads(n)
-    print(f"# torch threads: {torch.get_num_threads()} (torch {torch.__version__})")
+    print(f"# torch threads: {torch.get_num_threads()} (torch {torch.__version__}); pretrain.precision auto "
+          f"on this CPU = {precision_name()}")
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,

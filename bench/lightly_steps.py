@@ -1,7 +1,8 @@
 """lightly's implementations of the MoCo v3, BYOL, SwAV and DenseCL recipes, built from its public modules
 as its examples do: the "lightly" side of bench/methods.py and bench/knn.py (what each recipe contains, and
 where lightly lacks a piece, is in bench/methods.py's docstring). Each builder returns a step
-``views -> None`` with the trained ``step.backbone`` attached.
+``views -> None`` with the trained ``step.backbone`` attached; ``matched=True`` puts model and inputs in
+channels_last and the forward under our default autocast (bench/common.py), as ours runs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import autocast
 from bench.methods import HIDDEN, LR, MAX_STEPS, OUT, PROTOTYPES, QUEUE, Step, _nhwc
 
 
@@ -26,7 +28,7 @@ def _frozen_twin(module: nn.Module) -> nn.Module:
     return twin
 
 
-def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, method: str) -> Step:
+def _lightly_two_view(base: nn.Module, feat_dim: int, matched: bool, method: str) -> Step:
     """BYOL / MoCo v3 built from lightly's modules: online backbone + projector + predictor, momentum
     backbone + projector, both views through both branches."""
     from lightly.loss import NegativeCosineSimilarity
@@ -58,7 +60,7 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, metho
             return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
     model = TwoBranch(copy.deepcopy(base))
-    if channels_last:
+    if matched:
         model.to(memory_format=torch.channels_last)
     opt = _lightly_sgd(model)
     if method == "byol":
@@ -79,14 +81,15 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, metho
 
     def step(views):
         x0, x1 = views
-        if channels_last:
+        if matched:
             x0, x1 = _nhwc(x0), _nhwc(x1)
         m = cosine_schedule(state["step"], MAX_STEPS, 0.99, 1.0)
         update_momentum(model.backbone, model.backbone_momentum, m=m)
         update_momentum(model.projection_head, model.projection_head_momentum, m=m)
-        p0, p1 = model(x0), model(x1)
-        z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
-        loss = loss_fn(p0, p1, z0, z1)
+        with autocast(matched):
+            p0, p1 = model(x0), model(x1)
+            z0, z1 = model.forward_momentum(x0), model.forward_momentum(x1)
+            loss = loss_fn(p0, p1, z0, z1)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -96,7 +99,7 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, channels_last: bool, metho
     return step
 
 
-def _lightly_swav(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
+def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool) -> Step:
     from lightly.loss import SwaVLoss
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
@@ -114,17 +117,18 @@ def _lightly_swav(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
             return self.prototypes(z)
 
     model = SwaV(copy.deepcopy(base))
-    if channels_last:
+    if matched:
         model.to(memory_format=torch.channels_last)
     criterion = SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
     opt = _lightly_sgd(model)
 
     def step(views):
-        if channels_last:
+        if matched:
             views = [_nhwc(x) for x in views]
         model.prototypes.normalize()
-        scores = [model(x) for x in views]
-        loss = criterion(scores[:2], scores[2:])
+        with autocast(matched):
+            scores = [model(x) for x in views]
+            loss = criterion(scores[:2], scores[2:])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -133,7 +137,7 @@ def _lightly_swav(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
     return step
 
 
-def _lightly_densecl(base: nn.Module, feat_dim: int, channels_last: bool) -> Step:
+def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool) -> Step:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import DenseCLProjectionHead
     from lightly.models.utils import select_most_similar, update_momentum
@@ -165,7 +169,7 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, channels_last: bool) -> Ste
                                 self.projection_head_local_momentum, x)
 
     model = DenseCL(copy.deepcopy(base))
-    if channels_last:
+    if matched:
         model.to(memory_format=torch.channels_last)
     criterion_global = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
     criterion_local = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
@@ -173,17 +177,18 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, channels_last: bool) -> Ste
 
     def step(views):
         x_q, x_k = views
-        if channels_last:
+        if matched:
             x_q, x_k = _nhwc(x_q), _nhwc(x_k)
         update_momentum(model.backbone, model.backbone_momentum, m=0.999)
         update_momentum(model.projection_head_global, model.projection_head_global_momentum, m=0.999)
         update_momentum(model.projection_head_local, model.projection_head_local_momentum, m=0.999)
-        q_feats, q_global, q_local = model(x_q)
-        k_feats, k_global, k_local = model.forward_momentum(x_k)
-        k_local = select_most_similar(q_feats, k_feats, k_local)
-        loss_global = criterion_global(q_global, k_global)
-        loss_local = criterion_local(q_local.flatten(end_dim=1), k_local.flatten(end_dim=1))
-        loss = 0.5 * (loss_global + loss_local)
+        with autocast(matched):
+            q_feats, q_global, q_local = model(x_q)
+            k_feats, k_global, k_local = model.forward_momentum(x_k)
+            k_local = select_most_similar(q_feats, k_feats, k_local)
+            loss_global = criterion_global(q_global, k_global)
+            loss_local = criterion_local(q_local.flatten(end_dim=1), k_local.flatten(end_dim=1))
+            loss = 0.5 * (loss_global + loss_local)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -5,9 +5,10 @@ Per method, on resnet18 (CIFAR stem), 2 torch threads, one fixed set of view ten
 method's ``view_augments``), every step built from the same backbone weights and timed interleaved (median
 over rounds, after warm-up, of the ratio within each round):
 
-* ``ours``: ``train_step`` with our method and SGD, the method in channels_last as the pretrain stage puts
-  it by default (``pretrain.channels_last: true`` -> ``method.to(memory_format=torch.channels_last)``).
-* ``bare``: the backbone work that step needs, in the same layout: backbone fwd + bwd (from a fixed dense
+* ``ours``: ``train_step`` with our method and SGD, the method in channels_last and the forward in the
+  precision the pretrain stage uses by default (``pretrain.channels_last: true``, ``pretrain.precision:
+  auto``: bf16 autocast on a CPU with AMX, else fp32).
+* ``bare``: the backbone work that step needs, in the same layout and precision: backbone fwd + bwd (from a fixed dense
   gradient on its output) for every view that gets gradients, grouped into backbone passes as ours groups
   them; backbone fwd under ``no_grad`` on a frozen copy for every view a momentum/target branch encodes; an
   SGD step over the backbone parameters.
@@ -17,8 +18,9 @@ over rounds, after warm-up, of the ratio within each round):
     no momentum encoder.
   - DenseCL: query view fwd+bwd, key view fwd-only, through ``forward_features`` (the unpooled map; the
     dense gradient is on the map), i.e. MoCo v2's bare work on the C5 map.
-* ``lightly``: the recipe built from lightly's public modules as its examples do, plain NCHW tensors, torch
-  SGD (lr 0.03, momentum 0.9, wd 1e-4); ``lightly_nhwc``: the same with model and inputs in channels_last.
+* ``lightly``: the recipe built from lightly's public modules as its examples do, plain NCHW fp32 tensors,
+  torch SGD (lr 0.03, momentum 0.9, wd 1e-4); ``lightly_matched``: the same with model and inputs in
+  channels_last and the forward under our autocast, i.e. what is left once layout and precision are equal.
 
   - BYOL: BYOLProjectionHead + BYOLPredictionHead, NegativeCosineSimilarity (symmetrised), update_momentum
     with lightly's cosine_schedule(0.99 -> 1).
@@ -49,7 +51,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.common import interleaved_medians, median_ratio, report, setup_threads
+from bench.common import AUTOCAST, autocast, interleaved_medians, median_ratio, precision_name, report, setup_threads
 from tasks.models.backbone import build_backbone
 from tasks.pretrain.loop import build_optimizer, train_step
 
@@ -68,9 +70,9 @@ def _sizes(quick: bool) -> dict:
     """batch, view side, rounds, warm-up rounds, SwAV local crops."""
     if os.environ.get("BENCH_METHODS_TINY"):
         return dict(batch=8, size=32, rounds=1, warmup=1, local=2)
-    if quick:  # 17 steps of 4-9 s each on 2 cores: 1 warm-up + 2 timed rounds keep all four near 6 minutes
-        return dict(batch=32, size=64, rounds=2, warmup=1, local=2)
-    return dict(batch=64, size=64, rounds=5, warmup=1, local=6)
+    if quick:  # 1 warm-up + 4 timed rounds of 4 steps of 1-3 s each (bf16 on AMX) per method
+        return dict(batch=32, size=64, rounds=4, warmup=1, local=2)
+    return dict(batch=64, size=64, rounds=9, warmup=1, local=6)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -88,13 +90,13 @@ def _fixed_grad(out: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _ours(model: nn.Module) -> Step:
-    """``train_step`` with SGD, the method in channels_last as the pretrain stage's default puts it."""
+    """``train_step`` with SGD, the method in channels_last and the stage's default precision."""
     model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, lr=LR)
     state = {"step": 0}
 
     def step(views):
-        train_step(model, opt, views, state["step"], MAX_STEPS, LR)
+        train_step(model, opt, views, state["step"], MAX_STEPS, LR, autocast_dtype=AUTOCAST)
         state["step"] += 1
     step.backbone = model.backbone  # what bench/knn.py evaluates after training
     return step
@@ -102,7 +104,8 @@ def _ours(model: nn.Module) -> Step:
 
 def _bare(base: nn.Module, grad_groups: list[list[int]], target_views: list[int], dense: bool = False) -> Step:
     """Backbone fwd+bwd on each group of ``grad_groups`` (view indices concatenated into one pass), fwd
-    under no_grad on a frozen copy for each of ``target_views``, SGD step over the backbone; channels_last.
+    under no_grad on a frozen copy for each of ``target_views``, SGD step over the backbone; channels_last,
+    forwards under the stage's default autocast.
     ``dense``: through ``forward_features`` (gradient on the unpooled map) instead of the pooled output."""
     online = copy.deepcopy(base).to(memory_format=torch.channels_last)
     frozen = copy.deepcopy(online).requires_grad_(False) if target_views else None
@@ -115,13 +118,14 @@ def _bare(base: nn.Module, grad_groups: list[list[int]], target_views: list[int]
 
     def step(views):
         opt.zero_grad(set_to_none=True)
-        outs = [encode(online, torch.cat([views[i] for i in g]) if len(g) > 1 else views[g[0]])
-                for g in grad_groups]
+        with autocast():
+            outs = [encode(online, torch.cat([views[i] for i in g]) if len(g) > 1 else views[g[0]])
+                    for g in grad_groups]
         for i, o in enumerate(outs):
             if i not in grads:
                 grads[i] = _fixed_grad(o, seed=i + 1)
         torch.autograd.backward(outs, [grads[i] for i in range(len(outs))])
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for i in target_views:
                 encode(frozen, views[i])
         opt.step()
@@ -160,7 +164,8 @@ def _views(model: nn.Module, sz: dict) -> list[torch.Tensor]:
 
 def _time(method: str, sz: dict, views: list[torch.Tensor], steps: dict[str, Step], heads: str) -> dict:
     print(f"# {method}: resnet18 cifar stem, views {'/'.join(str(v.shape[-1]) for v in views)} px, "
-          f"batch {sz['batch']}, {heads}, {sz['rounds']} interleaved rounds after {sz['warmup']} warm-up")
+          f"batch {sz['batch']}, {heads}, {sz['rounds']} interleaved rounds after {sz['warmup']} warm-up; "
+          f"ours and bare in {precision_name()}")
     med, times = interleaved_medians({k: (lambda f=f: f(views)) for k, f in steps.items()},
                                      rounds=sz["rounds"], warmup=sz["warmup"])
     print(f"# {method}: median s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
@@ -169,8 +174,8 @@ def _time(method: str, sz: dict, views: list[torch.Tensor], steps: dict[str, Ste
 
 def _report_lightly(method: str, times: dict) -> None:
     report(f"{method}.ours_over_lightly", median_ratio(times, "ours", "lightly"), "<=0.9")
-    # lightly's model and inputs also in channels_last: what is left besides the layout.
-    report(f"{method}.ours_over_lightly_nhwc", median_ratio(times, "ours", "lightly_nhwc"), "<=1.0")
+    # lightly given our layout and precision: what is left besides those two defaults.
+    report(f"{method}.ours_over_lightly_matched", median_ratio(times, "ours", "lightly_matched"), "<=1.0")
 
 
 def _two_view(method: str, quick: bool) -> None:
@@ -189,7 +194,7 @@ def _two_view(method: str, quick: bool) -> None:
         "bare": _bare(base, [[0], [1]], [0, 1]),
         "ours": _ours(model),
         "lightly": _lightly_two_view(base, feat_dim, False, method),
-        "lightly_nhwc": _lightly_two_view(base, feat_dim, True, method),
+        "lightly_matched": _lightly_two_view(base, feat_dim, True, method),
     }
     if method == "mocov3":
         print("# mocov3: lightly 1.6 has no MoCo v3 model/loss/example; its side is MoCoProjectionHead(batch_norm"
@@ -211,7 +216,7 @@ def _swav(quick: bool) -> None:
         "bare": _bare(base, _same_size_groups(views), []),
         "ours": _ours(model),
         "lightly": _lightly_swav(base, feat_dim, False),
-        "lightly_nhwc": _lightly_swav(base, feat_dim, True),
+        "lightly_matched": _lightly_swav(base, feat_dim, True),
     }
     times = _time("swav", sz, views, steps, f"head {HIDDEN}->{OUT['swav']}, {PROTOTYPES} prototypes, "
                                             f"2 global + {sz['local']} local crops")
@@ -234,7 +239,7 @@ def _densecl(quick: bool) -> None:
         "ours": _ours(model),
         "mocov2": _ours(moco),
         "lightly": _lightly_densecl(base, feat_dim, False),
-        "lightly_nhwc": _lightly_densecl(base, feat_dim, True),
+        "lightly_matched": _lightly_densecl(base, feat_dim, True),
     }
     flops = {k: _step_flops(steps[k], views) for k in ("ours", "mocov2")}
     print(f"# densecl: matmul/conv FLOPs per step {flops['ours'] / flops['mocov2']:.3f}x MoCo v2's (dense head and "

@@ -89,7 +89,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 10
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
-    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on a GPU or a CPU with bf16 matrix units, else fp32) | fp32 | bf16
     channels_last: bool = True  # NHWC memory layout for conv backbones (faster with oneDNN / cuDNN)
     compile: bool = False  # torch.compile the method
     sync_bn: bool = False  # batch-norm statistics over all workers' batches

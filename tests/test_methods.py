@@ -51,6 +51,21 @@ def test_smoke_two_steps(name):
     assert method.encoder() is method.backbone or isinstance(method.encoder(), torch.nn.Module)
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_bf16_autocast_steps_keep_fp32_state(name):
+    """Under bf16 autocast (``pretrain.precision: auto`` on a GPU or an AMX CPU) the loss stays finite and
+    close to the fp32 loss, and parameters, gradients and buffers (queues, EMA copies) stay fp32."""
+    fp32, bf16 = build(name), build(name)
+    views = global_views(fp32, 8, 0)
+    out = {}
+    for tag, method, dtype in (("fp32", fp32, None), ("bf16", bf16, torch.bfloat16)):
+        opt = build_optimizer(method, "sgd", 0.1, 0.9, 1e-4)
+        out[tag] = train_step(method, opt, views, 0, 10, 0.1, autocast_dtype=dtype)["loss"]
+    assert abs(out["bf16"] - out["fp32"]) <= 0.05 * abs(out["fp32"]) + 1e-3, out
+    assert all(t.dtype == torch.float32 for t in bf16.state_dict().values() if t.is_floating_point())
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in bf16.parameters())
+
+
 def _two_steps(rank: int, world: int, name: str, batch: int) -> dict:
     method = convert_sync_bn(build(name), gpu=False)
     opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)

@@ -77,3 +77,15 @@ def test_clip_grad_and_autocast():
     torch.testing.assert_close(torch.linalg.vector_norm(m.w.detach() - 10.0), torch.tensor(1.0))
     train_step(m, opt, [torch.ones(2, 4)], 1, 2, 0.0, autocast_dtype=torch.bfloat16)
     assert m.seen_dtype == torch.bfloat16
+
+
+def test_precision_resolves_to_an_autocast_dtype():
+    from tasks.pretrain.loop import autocast_dtype, cpu_has_bf16_matmul
+
+    assert autocast_dtype("fp32", "cpu") is None and autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16
+    # auto on a CPU: bf16 only where the CPU has bf16 matrix units (AMX), since elsewhere it is no faster
+    assert autocast_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_bf16_matmul() else None)
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16", "cpu")

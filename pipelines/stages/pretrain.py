@@ -84,7 +84,7 @@ def train_loop(config: dict) -> None:
     from tasks.evaluate.classification import knn_monitor
     from tasks.models.backbone import build_backbone
     from tasks.pretrain.feeder import ViewFeeder, load_images, load_masks, load_variations
-    from tasks.pretrain.loop import build_optimizer, train_step
+    from tasks.pretrain.loop import autocast_dtype, build_optimizer, train_step
     from tasks.pretrain.methods import get_method
     from tasks.pretrain.quality import QualityWeighter
     from tasks.pretrain.schedules import scaled_lr, warmup_cosine_lr
@@ -114,7 +114,10 @@ def train_loop(config: dict) -> None:
     # linear scaling by the true global batch: per-worker batch x workers on every node
     lr = scaled_lr(c["lr"], per * world)
     opt = build_optimizer(method, c["optimizer"], lr, c["momentum"], c["weight_decay"])
-    autocast = torch.bfloat16 if c["precision"] == "bf16" or (c["precision"] == "auto" and device.type == "cuda") else None
+    autocast = autocast_dtype(c["precision"], device)
+    if rank == 0:
+        _say(f"[pretrain] {c['method']} on {world} worker(s), {device.type}, "
+             f"{'bf16 autocast' if autocast is not None else 'fp32'}, {c['precision']} precision requested")
     start, history = 0, []
     state = _resume_state(c.get("latest_file", ""), rank, world)
     if state:
