@@ -29,10 +29,14 @@ class InfoNCEQueueLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
-        qs = q / self.temperature  # scale B*D values instead of B*(K+1) logits
-        pos = (qs * k).sum(dim=1)
-        neg = qs @ queue.detach().t()
-        loss = torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos
+        # Logits in at least fp32 with autocast off: in bf16 the 1/t-scaled logits keep ~3 significant
+        # digits, too few for a softmax over thousands of negatives (the queue matmul is a small part of a step).
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            qs = q.to(dtype) / self.temperature  # scale B*D values instead of B*(K+1) logits
+            pos = (qs * k.to(dtype)).sum(dim=1)
+            neg = qs @ queue.detach().to(dtype).t()
+            loss = torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos
         reduction = reduction or self.reduction
         if reduction == "mean":
             return loss.mean()

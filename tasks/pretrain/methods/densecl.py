@@ -62,9 +62,9 @@ class DenseCL(MoCoV2):
         if fmap.ndim != 4:
             raise ValueError(f"DenseCL needs a conv feature map [N, C, H, W], got shape {tuple(fmap.shape)}")
         # mean over (H, W) is MoCo v2's global average pool (bit-identical to TinyConvNet's forward).
-        g = F.normalize(head(fmap.mean((2, 3))), dim=1)
+        g = F.normalize(head(fmap.mean((2, 3))).float(), dim=1)  # unit vectors in fp32 (see MoCoV2.embed)
         tokens = fmap.flatten(2).transpose(1, 2)  # contiguous when fmap is channels_last
-        d = dense_head(tokens)
+        d = dense_head(tokens).float()
         # Pool before normalising, as the reference neck pools the raw dense output (METHODS.md 3.2).
         return g, F.normalize(d, dim=2), F.normalize(d.mean(1), dim=1), tokens
 

@@ -50,8 +50,9 @@ class MoCoV2(Method):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     def embed(self, backbone: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The one forward path of both branches: image -> pooled feature -> head -> unit vector."""
-        return F.normalize(head(backbone(self.to_layout(x)).flatten(1)), dim=1)
+        """The one forward path of both branches: image -> pooled feature -> head -> unit vector (fp32 even
+        under bf16 autocast: keys live on in the queue, and cosines need more than bf16's 3 digits)."""
+        return F.normalize(head(backbone(self.to_layout(x)).flatten(1)).float(), dim=1)
 
     @torch.no_grad()
     def key_forward(self, encode, x_k: torch.Tensor):

@@ -138,7 +138,7 @@ class SwAV(Method):
             if self.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats.append(self.backbone(x).flatten(1))
-        return F.normalize(self.head(torch.cat(feats)), dim=1)
+        return F.normalize(self.head(torch.cat(feats)).float(), dim=1)  # fp32 even under autocast
 
     @torch.no_grad()
     def codes(self, global_scores: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
@@ -165,7 +165,8 @@ class SwAV(Method):
             # the graph with an exactly-zero gradient. Weight decay / momentum on a zero gradient only rescale
             # each row along itself, which after_step's renormalisation undoes.
             w = w.detach() + 0.0 * w
-        scores = (z @ w.t()).view(len(views), b, -1)
+        with torch.autocast(z.device.type, enabled=False):  # fp32 scores: Sinkhorn exponentiates s / eps
+            scores = (z @ w.float().t()).view(len(views), b, -1)
         q, used = self.codes(scores[:NUM_GLOBAL].detach(), step)
         loss = self.reduce(swapped_prediction(scores, q, self.temperature), pair_weights)
         if self.queues is not None:
