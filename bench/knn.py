@@ -32,6 +32,9 @@ from bench.common import report, setup_threads
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224"
 SIZE, BATCH, CIFAR_STEM = 32, 128, True
+# MoCo v2 / DenseCL key-encoder momentum on both sides: 0.999 is an EMA time constant of 1000 steps, longer
+# than a budget's run, so the keys would come from a nearly random encoder; 0.99 suits runs of a few hundred.
+MOMENTUM = 0.99
 RAW_PIXEL_FLOOR = 0.335  # the raw-pixel kNN on this set; the goal is the max of it and our baselines
 
 
@@ -114,8 +117,9 @@ def _pairs(base, feat_dim):
     from tasks.pretrain.methods import get_method
 
     out = {}
-    moco = get_method("mocov2")(copy.deepcopy(base), feat_dim, hidden_dim=B.HIDDEN, out_dim=B.OUT, queue_size=B.QUEUE)
-    out["mocov2"] = (moco, M._ours(moco), B._lightly_step(base, feat_dim))
+    moco = get_method("mocov2")(copy.deepcopy(base), feat_dim, hidden_dim=B.HIDDEN, out_dim=B.OUT, queue_size=B.QUEUE,
+                                momentum=MOMENTUM)
+    out["mocov2"] = (moco, M._ours(moco), B._lightly_step(base, feat_dim, momentum=MOMENTUM))
     for name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
         out[name] = (m, M._ours(m), L._lightly_two_view(base, feat_dim, False, name))
@@ -123,8 +127,8 @@ def _pairs(base, feat_dim):
                               num_prototypes=M.PROTOTYPES, num_local_crops=2)
     out["swav"] = (swav, M._ours(swav), L._lightly_swav(base, feat_dim, False))
     dense = get_method("densecl")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["densecl"],
-                                  queue_size=M.QUEUE)
-    out["densecl"] = (dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False))
+                                  queue_size=M.QUEUE, momentum=MOMENTUM)
+    out["densecl"] = (dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False, momentum=MOMENTUM))
     return out
 
 

@@ -137,7 +137,7 @@ def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool) -> Step:
     return step
 
 
-def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool) -> Step:
+def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: float = 0.999) -> Step:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import DenseCLProjectionHead
     from lightly.models.utils import select_most_similar, update_momentum
@@ -179,9 +179,9 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool) -> Step:
         x_q, x_k = views
         if matched:
             x_q, x_k = _nhwc(x_q), _nhwc(x_k)
-        update_momentum(model.backbone, model.backbone_momentum, m=0.999)
-        update_momentum(model.projection_head_global, model.projection_head_global_momentum, m=0.999)
-        update_momentum(model.projection_head_local, model.projection_head_local_momentum, m=0.999)
+        update_momentum(model.backbone, model.backbone_momentum, m=momentum)
+        update_momentum(model.projection_head_global, model.projection_head_global_momentum, m=momentum)
+        update_momentum(model.projection_head_local, model.projection_head_local_momentum, m=momentum)
         with autocast(matched):
             q_feats, q_global, q_local = model(x_q)
             k_feats, k_global, k_local = model.forward_momentum(x_k)

@@ -63,7 +63,7 @@ def _ours_step(base: nn.Module, feat_dim: int, channels_last: bool = True):
     return step
 
 
-def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False):
+def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentum: float = 0.999):
     """lightly's MoCo example; ``matched``: model and inputs channels_last and the forward under our autocast."""
     channels_last = matched
     from lightly.loss import NTXentLoss
@@ -96,8 +96,8 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False):
         x_q, x_k = views
         if channels_last:
             x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
-        update_momentum(model.backbone, model.backbone_momentum, m=0.999)
-        update_momentum(model.projection_head, model.projection_head_momentum, m=0.999)
+        update_momentum(model.backbone, model.backbone_momentum, m=momentum)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
         with autocast(matched):
             loss = criterion(model(x_q), model.forward_momentum(x_k))
         loss.backward()
