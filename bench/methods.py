@@ -70,9 +70,11 @@ def _sizes(quick: bool) -> dict:
     """batch, view side, rounds, warm-up rounds, SwAV local crops."""
     if os.environ.get("BENCH_METHODS_TINY"):
         return dict(batch=8, size=32, rounds=1, warmup=1, local=2)
-    if quick:  # 1 warm-up + 4 timed rounds of 4 steps of 1-3 s each (bf16 on AMX) per method
-        return dict(batch=32, size=64, rounds=4, warmup=1, local=2)
-    return dict(batch=64, size=64, rounds=9, warmup=1, local=6)
+    # Two identical steps timed back to back on this 2-core machine differ by 5 % (sd of their ratio, up to
+    # +-12 %), so a median of ~10 per-round ratios is needed to resolve a 5 % goal.
+    if quick:  # 1 warm-up + 10 timed rounds of 4 steps of 1-3 s each (bf16 on AMX) per method
+        return dict(batch=32, size=64, rounds=10, warmup=1, local=2)
+    return dict(batch=64, size=64, rounds=15, warmup=1, local=6)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:

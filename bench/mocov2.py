@@ -110,7 +110,7 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentu
 
 def run(quick: bool = False) -> None:
     setup_threads(2)
-    batch, size, rounds = (32, 64, 7) if quick else (64, 64, 11)
+    batch, size, rounds = (32, 64, 10) if quick else (64, 64, 15)  # rounds: see bench/methods.py _sizes
     print(f"# mocov2: resnet18 cifar stem, {size}px, batch {batch}, queue {QUEUE}, head {HIDDEN}->{OUT}, "
           f"{rounds} interleaved rounds after 1 warm-up; ours and bare in {precision_name()}")
     torch.manual_seed(0)

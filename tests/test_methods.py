@@ -95,3 +95,16 @@ def test_two_ranks_equal_one_rank(name):
         assert r["grads"].keys() == one["grads"].keys()
         for k, g in one["grads"].items():
             torch.testing.assert_close(r["grads"][k], g, rtol=1e-4, atol=1e-5, msg=f"{name}: gradient of {k}")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inputs_follow_the_weights_memory_layout(name):
+    """With the method in channels_last (``pretrain.channels_last``), an NCHW batch is convolved as NHWC,
+    never in oneDNN's slower mixed-layout path; the method's parameters and state keys are unchanged."""
+    method = build(name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    keys, n_params = list(method.state_dict()), len(list(method.parameters()))
+    method.to(memory_format=torch.channels_last)
+    assert method.to_layout(x).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(method.to_layout(x), x)
+    assert list(method.state_dict()) == keys and len(list(method.parameters())) == n_params

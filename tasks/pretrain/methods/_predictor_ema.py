@@ -39,11 +39,11 @@ class PredictorEMA(Method):
         raise NotImplementedError
 
     def online(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.projector(self.backbone(x).flatten(1)))
+        return self.predictor(self.projector(self.backbone(self.to_layout(x)).flatten(1)))
 
     @torch.no_grad()
     def momentum_target(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector_k(self.backbone_k(x).flatten(1))
+        return self.projector_k(self.backbone_k(self.to_layout(x)).flatten(1))
 
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
                 pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -38,6 +38,20 @@ class Method(nn.Module):
         """One :class:`~tasks.data.transforms.Augment` per view ``forward`` expects; default MoCo v2's pair."""
         return mocov2_views(size)
 
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory layout of the backbone's convolution weights: NHWC when the trainer put the
+        method in channels_last (``pretrain.channels_last``), so a caller's NCHW batch never meets NHWC weights
+        (oneDNN would then convolve in a slower mixed path). Layout only, same values."""
+        if x.ndim != 4:
+            return x
+        w = getattr(self, "_layout_probe", None)
+        if w is None:
+            w = next((p for p in self.backbone.parameters() if p.ndim == 4), False)
+            self.__dict__["_layout_probe"] = w  # not nn.Module's setattr: that would register a second parameter
+        if w is not False and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     @staticmethod
     def reduce(per_sample: torch.Tensor, pair_weights: torch.Tensor | None) -> torch.Tensor:
         """``mean(l)``, or ``mean(w * l)`` with detached per-image weights."""
