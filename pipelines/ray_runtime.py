@@ -120,9 +120,16 @@ def actor_pool_size(limit: int = 0, reserve: int = 1) -> int:
     return min(n, limit) if limit else n
 
 
-def in_blocks(table, rows: int) -> list:
-    """A table cut into blocks of ``rows`` (zero-copy slices) for ``ray.data.from_arrow``: one block is one
-    unit of work, so a single-block dataset would feed a single actor of the pool."""
+def in_blocks(table, rows: int, actors: int = 0, per_actor: int = 4) -> list:
+    """A table cut into blocks (zero-copy slices) for ``ray.data.from_arrow``: one block is one unit of work
+    (one task on an actor), so a single-block dataset would feed a single actor of the pool.
+
+    ``rows`` per block; with ``actors``, blocks grow to about ``per_actor`` per actor (never below ``rows``):
+    for light per-row work (a small ViT's masks) each task's fixed cost -- scheduling, moving the block through
+    the object store -- otherwise dominates, while a few blocks per actor still balance the load.
+    ``map_batches(batch_size=...)`` still calls the model on batches of its own size inside each block."""
+    if actors:
+        rows = max(rows, -(-table.num_rows // (actors * per_actor)))
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table]
 
 

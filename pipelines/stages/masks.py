@@ -47,8 +47,8 @@ def run(ctx) -> dict:
     sample = curate.take(pa.array(idx))["image"].to_pylist()
     u, alpha, stats = ray.get(ray.remote(_fit_task).remote(sample, cfg))
     ctx.log(f"PCA direction fitted on {len(sample)} images: alpha={alpha:.4f}, {stats}")
-    ds = ray.data.from_arrow(in_blocks(curate.select(["id", "image"]), cfg.batch_size))
     pool = actor_pool_size(reserve=0)  # in-memory input: no read task to leave a CPU for
+    ds = ray.data.from_arrow(in_blocks(curate.select(["id", "image"]), cfg.batch_size, actors=pool))
     t0 = time.perf_counter()
     out = ds.map_batches(MaskPredictor, fn_constructor_kwargs=dict(
         encoder=cfg.encoder, direction=u, alpha=alpha, resolution=cfg.resolution, checkpoint=cfg.checkpoint,

@@ -197,10 +197,11 @@ def _variation_masks(ctx, rows: list[dict]) -> list[bytes]:
     alpha = json.loads(ctx.storage.read_file("masks", "pca.json"))["alpha"]
     keys = [f"{r['id']}#{r['view_index']}" for r in rows]
     table = pa.table({"id": keys, "image": pa.array([r["view"] for r in rows], pa.binary())})
-    ds = ray.data.from_arrow(in_blocks(table, mcfg.batch_size))
+    pool = actor_pool_size(reserve=0)
+    ds = ray.data.from_arrow(in_blocks(table, mcfg.batch_size, actors=pool))
     out = ds.map_batches(MaskPredictor, fn_constructor_kwargs=dict(
         encoder=mcfg.encoder, direction=u, alpha=alpha, resolution=mcfg.resolution, checkpoint=mcfg.checkpoint,
-        encoder_kwargs=mcfg.encoder_kwargs, seed=mcfg.seed), concurrency=actor_pool_size(reserve=0),
+        encoder_kwargs=mcfg.encoder_kwargs, seed=mcfg.seed), concurrency=pool,
         batch_size=mcfg.batch_size, num_cpus=1)
     got = {}
     for ref in out.to_arrow_refs():
