@@ -164,6 +164,8 @@ def run(quick: bool = False) -> None:
         acc_ours = _encoder_knn(ours.backbone, train, y_train, val, y_val)
         n_l = _train(lightly, augments, train, budget)
         acc_l = _encoder_knn(lightly.backbone, train, y_train, val, y_val)
-        print(f"# knn: {name}: ours {acc_ours:.3f} after {n_ours} steps, lightly {acc_l:.3f} after {n_l} steps")
+        se = (acc_ours * (1 - acc_ours) / len(val)) ** 0.5  # binomial standard error of one top-1 on this val set
+        print(f"# knn: {name}: ours {acc_ours:.3f} (+-{se:.3f} s.e.) after {n_ours} steps, lightly {acc_l:.3f} "
+              f"after {n_l} steps")
         report(f"knn.{name}.ours_over_lightly", acc_ours / max(acc_l, 1e-9), ">=1.0")
         report(f"knn.{name}.ours", acc_ours, f">{floor:.3f}")

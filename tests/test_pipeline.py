@@ -52,7 +52,10 @@ def test_first_run_produces_every_stage(first_run):
     assert st.read_table("cluster", "centroids").num_rows == 3
     masks = st.read_table("masks")
     assert masks.num_rows == 48 and 0.2 < sum(masks["fg_ratio"].to_pylist()) / 48 < 0.6
-    assert "gt_iou" in st.manifest("masks")["metrics"]
+    mm = st.manifest("masks")["metrics"]
+    assert "gt_iou" in mm
+    # 48 rows in 3 blocks of 16: timed from the pipeline's start, the first block and the warm rate after it
+    assert 0 < mm["first_block_s"] < 48 / mm["images_per_s"] and mm["warm_images_per_s"] > 0
     assert st.manifest("pretrain")["metrics"]["steps"] == 4
     assert 0.0 <= st.manifest("pretrain")["metrics"]["knn_monitor_final"] <= 1.0  # the online monitor ran
     report = json.loads(st.read_file("evaluate", "report.json"))

@@ -4,13 +4,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import sources
-from pipelines.ray_runtime import actor_pool_size, in_blocks
+from pipelines.ray_runtime import actor_pool_size, collect_timed, in_blocks
 from tasks.views.masks import MaskPredictor
 
 
@@ -49,20 +48,23 @@ def run(ctx) -> dict:
     ctx.log(f"PCA direction fitted on {len(sample)} images: alpha={alpha:.4f}, {stats}")
     pool = actor_pool_size(reserve=0)  # in-memory input: no read task to leave a CPU for
     ds = ray.data.from_arrow(in_blocks(curate.select(["id", "image"]), cfg.batch_size, actors=pool))
-    t0 = time.perf_counter()
     out = ds.map_batches(MaskPredictor, fn_constructor_kwargs=dict(
         encoder=cfg.encoder, direction=u, alpha=alpha, resolution=cfg.resolution, checkpoint=cfg.checkpoint,
         encoder_kwargs=cfg.encoder_kwargs, seed=cfg.seed), concurrency=pool, batch_size=cfg.batch_size, num_cpus=1)
-    table = pa.concat_tables(ray.get(out.to_arrow_refs())).sort_by("id")
-    images_per_s = table.num_rows / max(1e-9, time.perf_counter() - t0)
-    ctx.log(f"{table.num_rows} masks on {pool} actor(s): {images_per_s:.1f} images/s")
+    table, timing = collect_timed(out)
+    table = table.sort_by("id")
+    images_per_s = table.num_rows / max(1e-9, timing["seconds"])
+    warm = timing["warm_images_per_s"]
+    ctx.log(f"{table.num_rows} masks on {pool} actor(s): {images_per_s:.1f} images/s end to end, first block after "
+            f"{timing['first_s']:.1f} s (actor start, encoder load)" + (f", {warm:.1f} images/s after it" if warm else ""))
     ctx.writer.write_table("data", table)
     buf = io.BytesIO()
     np.save(buf, u)
     ctx.writer.write_file("pca_direction.npy", buf.getvalue())
     ctx.writer.write_file("pca.json", json.dumps({"alpha": alpha, **stats}).encode())
     metrics = {"fg_ratio_mean": float(np.mean(table["fg_ratio"].to_numpy())), "alpha": alpha,
-               "explained_variance": stats["explained_variance"], "images_per_s": images_per_s}
+               "explained_variance": stats["explained_variance"], "images_per_s": images_per_s,
+               "first_block_s": timing["first_s"], **({"warm_images_per_s": warm} if warm else {})}
     gt = _gt_folder(ctx)
     gt_masks: dict = {}
     if gt and os.path.isdir(gt):

@@ -151,8 +151,10 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
         out = ray.data.from_arrow(in_blocks(table, cfg.batch_size)).map_batches(
             VariationGenerator, fn_constructor_kwargs=actor, batch_size=cfg.batch_size,
             concurrency=gpus or actor_pool_size(reserve=0), **resources)
-        last_log = t0
+        last_log, t_first = t0, None
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if t_first is None:  # actors started, pipeline loaded, one batch made: the warm rate counts after it
+                t_first, first_n = time.perf_counter(), batch.num_rows
             for r in batch.to_pylist():
                 if r["error"]:
                     quarantine.append({"id": r["id"], "view_index": r["view_index"], "reason": r["error"]})
@@ -169,6 +171,9 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
                         f"({made / max(1e-9, last_log - t0):.2f} images/s)")
         cache.flush()
     seconds = time.perf_counter() - t0
+    warm = {}
+    if wanted and t_first is not None and len(wanted) > first_n and t0 + seconds > t_first:
+        warm = {"warm_images_per_s": (len(wanted) - first_n) / (t0 + seconds - t_first), "first_block_s": t_first - t0}
     if quarantine:
         reasons = {}
         for q in quarantine:
@@ -177,7 +182,7 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
     ctx.log(f"{made} views generated in {seconds:.1f}s, {reused} reused, {len(quarantine)} quarantined")
     stats = {"counts": {"generated": made, "reused": reused, "quarantined": len(quarantine)},
              "metrics": {"generated": made, "reused": reused, "quarantined": len(quarantine),
-                         "images_per_s": made / seconds if made and seconds > 0 else 0.0}}
+                         "images_per_s": made / seconds if made and seconds > 0 else 0.0, **warm}}
     return rows, quarantine, stats
 
 
