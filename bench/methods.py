@@ -243,9 +243,11 @@ def _densecl(quick: bool) -> None:
         "lightly": _lightly_densecl(base, feat_dim, False),
         "lightly_matched": _lightly_densecl(base, feat_dim, True),
     }
-    flops = {k: _step_flops(steps[k], views) for k in ("ours", "mocov2")}
+    flops = {k: _step_flops(steps[k], views) for k in ("ours", "mocov2", "bare")}
     print(f"# densecl: matmul/conv FLOPs per step {flops['ours'] / flops['mocov2']:.3f}x MoCo v2's (dense head and "
-          "dense loss): where the step is compute-bound this ratio is a floor for step_over_mocov2")
+          f"dense loss), {flops['ours'] / flops['bare']:.3f}x the bare backbone's (MoCo v2: "
+          f"{flops['mocov2'] / flops['bare']:.3f}x): where the step is compute-bound these ratios are floors for "
+          "step_over_mocov2 and step_over_backbone")
     times = _time("densecl", sz, views, steps, f"heads {HIDDEN}->{out}, queues {QUEUE}")
     report("densecl.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
     report("densecl.step_over_mocov2", median_ratio(times, "ours", "mocov2"), "<=1.01")
