@@ -50,7 +50,14 @@ def _stage(name: str, args: list[str]) -> dict:
     return Storage(args[args.index("--storage") + 1]).manifest(name)
 
 
-def _views_loop(storage: str, cfg: dict) -> float:
+def _rates(n: int, batch: int, t0: float, t_first: float) -> dict:
+    """A loop's images/s end to end (from ``t0``, model load included) and after its first batch."""
+    t_end = time.perf_counter()
+    return {"images_per_s": n / (t_end - t0), "first_s": t_first - t0,
+            "warm_images_per_s": (n - min(batch, n)) / (t_end - t_first)}
+
+
+def _views_loop(storage: str, cfg: dict) -> dict:
     import torch
 
     from tasks.data.images import to_square
@@ -75,12 +82,10 @@ def _views_loop(storage: str, cfg: dict) -> float:
             [encode_jpeg(v) for v in out]
         if t_first is None:
             t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    return {"images_per_s": len(views) / (t_end - t0), "first_s": t_first - t0,
-            "warm_images_per_s": (len(views) - min(b, len(views))) / (t_end - t_first)}
+    return _rates(len(views), b, t0, t_first)
 
 
-def _masks_loop(storage: str, cfg: dict) -> float:
+def _masks_loop(storage: str, cfg: dict) -> dict:
     import json
 
     import torch
@@ -104,9 +109,7 @@ def _masks_loop(storage: str, cfg: dict) -> float:
         [mask_to_png(upsample_nearest(g, cfg["resolution"])) for g in grids]
         if t_first is None:
             t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    return {"images_per_s": len(images) / (t_end - t0), "first_s": t_first - t0,
-            "warm_images_per_s": (len(images) - min(b, len(images))) / (t_end - t_first)}
+    return _rates(len(images), b, t0, t_first)
 
 
 def run(quick: bool = False) -> None:

@@ -120,25 +120,31 @@ def actor_pool_size(limit: int = 0, reserve: int = 1) -> int:
     return min(n, limit) if limit else n
 
 
-def collect_timed(ds) -> tuple:
-    """Stream a Ray Data dataset's output blocks to the driver as they finish: ``(table, timing)``.
+def timed_blocks(ds, timing: dict, t0: float | None = None):
+    """Yield a Ray Data dataset's output blocks (pyarrow) as they finish; when the iteration ends, ``timing``
+    holds ``seconds`` from ``t0`` (default: this call) to the last block, ``first_s`` to the first block
+    (actor start-up, model load, one block of work) and, with more than one block, ``warm_images_per_s`` =
+    rows after the first block / time after it -- the rate a long run approaches once start-up is paid."""
+    t0 = time.perf_counter() if t0 is None else t0
+    t_first, first_rows, rows = None, 0, 0
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if t_first is None:
+            t_first, first_rows = time.perf_counter(), block.num_rows
+        rows += block.num_rows
+        yield block
+    t_end = time.perf_counter()
+    timing.update(seconds=t_end - t0, first_s=(t_first or t_end) - t0)
+    if rows > first_rows and t_end > t_first:
+        timing["warm_images_per_s"] = (rows - first_rows) / (t_end - t_first)
 
-    ``timing``: ``seconds`` from this call to the last block, ``first_s`` to the first block (actor start-up,
-    model load, one block of work), ``warm_images_per_s`` = rows after the first block / time after it -- the
-    rate a long run approaches once start-up is paid (``None`` with a single block)."""
+
+def collect_timed(ds) -> tuple:
+    """A dataset's whole output as one table, with :func:`timed_blocks`' timing."""
     import pyarrow as pa
 
-    t0 = time.perf_counter()
-    parts, t_first = [], None
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        parts.append(block)
-        if t_first is None:
-            t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    table = pa.concat_tables(parts) if parts else pa.table({})
-    rest = table.num_rows - (parts[0].num_rows if parts else 0)
-    warm = rest / (t_end - t_first) if rest and t_end > t_first else None
-    return table, {"seconds": t_end - t0, "first_s": (t_first or t_end) - t0, "warm_images_per_s": warm}
+    timing: dict = {}
+    parts = list(timed_blocks(ds, timing))
+    return (pa.concat_tables(parts) if parts else pa.table({})), timing
 
 
 def in_blocks(table, rows: int, actors: int = 0, per_actor: int = 4) -> list:

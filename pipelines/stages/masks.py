@@ -54,7 +54,7 @@ def run(ctx) -> dict:
     table, timing = collect_timed(out)
     table = table.sort_by("id")
     images_per_s = table.num_rows / max(1e-9, timing["seconds"])
-    warm = timing["warm_images_per_s"]
+    warm = timing.get("warm_images_per_s")
     ctx.log(f"{table.num_rows} masks on {pool} actor(s): {images_per_s:.1f} images/s end to end, first block after "
             f"{timing['first_s']:.1f} s (actor start, encoder load)" + (f", {warm:.1f} images/s after it" if warm else ""))
     ctx.writer.write_table("data", table)

@@ -117,7 +117,7 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
     """Every (image, view index) -> a cached or newly generated view; failures -> quarantine rows."""
     import ray
 
-    from pipelines.ray_runtime import actor_pool_size, in_blocks
+    from pipelines.ray_runtime import actor_pool_size, in_blocks, timed_blocks
     from tasks.views.generate import VariationGenerator
 
     cfg = ctx.cfg
@@ -136,7 +136,7 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
     reused = len(rows)
     ctx.log(f"{reused} views reused from {cache.dir}, {len(wanted)} to generate with {cfg.model} "
             f"({cfg.steps} steps, guidance {cfg.guidance_scale}, {cfg.size} px)")
-    quarantine, t0, made = [], time.perf_counter(), 0
+    quarantine, t0, made, timing = [], time.perf_counter(), 0, {}
     if wanted:
         wanted.sort(key=lambda r: (r["noise_level"], r["id"], r["view_index"]))  # batches share a noise level
         sha_of = {(r["id"], r["view_index"]): r["source_sha"] for r in wanted}
@@ -151,10 +151,8 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
         out = ray.data.from_arrow(in_blocks(table, cfg.batch_size)).map_batches(
             VariationGenerator, fn_constructor_kwargs=actor, batch_size=cfg.batch_size,
             concurrency=gpus or actor_pool_size(reserve=0), **resources)
-        last_log, t_first = t0, None
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if t_first is None:  # actors started, pipeline loaded, one batch made: the warm rate counts after it
-                t_first, first_n = time.perf_counter(), batch.num_rows
+        last_log = t0
+        for batch in timed_blocks(out, timing, t0):
             for r in batch.to_pylist():
                 if r["error"]:
                     quarantine.append({"id": r["id"], "view_index": r["view_index"], "reason": r["error"]})
@@ -171,9 +169,8 @@ def _generate(ctx, ids: list[str], levels: list[int], images: dict[str, bytes]):
                         f"({made / max(1e-9, last_log - t0):.2f} images/s)")
         cache.flush()
     seconds = time.perf_counter() - t0
-    warm = {}
-    if wanted and t_first is not None and len(wanted) > first_n and t0 + seconds > t_first:
-        warm = {"warm_images_per_s": (len(wanted) - first_n) / (t0 + seconds - t_first), "first_block_s": t_first - t0}
+    warm = {"warm_images_per_s": timing["warm_images_per_s"], "first_block_s": timing["first_s"]} \
+        if "warm_images_per_s" in timing else {}
     if quarantine:
         reasons = {}
         for q in quarantine:
