@@ -23,13 +23,20 @@ TINY_KWARGS = {
     "byol": {"hidden_dim": 32, "out_dim": 16},
     "swav": {"hidden_dim": 32, "out_dim": 16, "num_prototypes": 10},
     "densecl": {"queue_size": 32, "hidden_dim": 32, "out_dim": 16},
+    "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "ijepa": {"predictor_dim": 32, "predictor_depth": 1},
 }
 SIZE = 16
+# The masked / predictive family needs a ViT: a tiny one (4 x 4 patch grid). It has no batch statistics,
+# so it is as exact across ranks as the normalisation-free tiny_convnet the others use.
+TINY_VIT = ("vit_tiny_patch16_224", {"img_size": SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
+BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT}
 
 
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    backbone, dim = build_backbone("tiny_convnet")
+    arch, kwargs = BACKBONES.get(name, ("tiny_convnet", {}))
+    backbone, dim = build_backbone(arch, **kwargs)
     return get_method(name)(backbone, dim, **TINY_KWARGS.get(name, {}))
 
 
@@ -38,13 +45,18 @@ def global_views(method, batch: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, a.size, a.size, generator=g) for a in method.view_augments(SIZE)]
 
 
+def global_inputs(method, batch: int, step: int) -> dict[str, torch.Tensor]:
+    """What the data side adds for the global batch (token masks), as the trainer's feeder calls it."""
+    return method.collate(batch, step, seed=0)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_smoke_two_steps(name):
     method = build(name)
     before = {k: v.detach().clone() for k, v in method.state_dict().items()}
     opt = build_optimizer(method, "sgd", 0.1, 0.9, 1e-4)
     for step in range(2):
-        out = train_step(method, opt, global_views(method, 8, step), step, 10, 0.1)
+        out = train_step(method, opt, global_views(method, 8, step), step, 10, 0.1, **global_inputs(method, 8, step))
         assert torch.isfinite(torch.tensor(out["loss"])), out
     changed = [k for k, v in method.backbone.state_dict().items() if not torch.equal(v, before["backbone." + k])]
     assert changed, "no backbone parameter changed"
@@ -60,7 +72,7 @@ def test_bf16_autocast_steps_keep_fp32_state(name):
     out = {}
     for tag, method, dtype in (("fp32", fp32, None), ("bf16", bf16, torch.bfloat16)):
         opt = build_optimizer(method, "sgd", 0.1, 0.9, 1e-4)
-        out[tag] = train_step(method, opt, views, 0, 10, 0.1, autocast_dtype=dtype)["loss"]
+        out[tag] = train_step(method, opt, views, 0, 10, 0.1, autocast_dtype=dtype, **global_inputs(method, 8, 0))["loss"]
     assert abs(out["bf16"] - out["fp32"]) <= 0.05 * abs(out["fp32"]) + 1e-3, out
     assert all(t.dtype == torch.float32 for t in bf16.state_dict().values() if t.is_floating_point())
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in bf16.parameters())
@@ -72,8 +84,9 @@ def _two_steps(rank: int, world: int, name: str, batch: int) -> dict:
     losses, grads = [], {}
     for step in range(2):
         views = [rank_slice(v, rank, world) for v in global_views(method, batch, seed=100 + step)]
+        inputs = {k: rank_slice(v, rank, world) for k, v in global_inputs(method, batch, step).items()}
         opt.zero_grad(set_to_none=True)
-        out = method(views, step, 10)
+        out = method(views, step, 10, **inputs)
         out["loss"].backward()
         grads = ddp_gradients(method)
         for n, p in method.named_parameters():

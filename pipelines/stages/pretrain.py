@@ -145,13 +145,14 @@ def train_loop(config: dict) -> None:
                  f"generated variations; one view of a pair comes from one with probability {c['prob_generated']}")
     feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
                         channels_last=c["channels_last"], masks=masks, variations=variations,
-                        variation_masks=variation_masks, prob_generated=c["prob_generated"])
+                        variation_masks=variation_masks, prob_generated=c["prob_generated"], collate=method.collate)
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         (views, extra), wait = feeder.next()
         t0 = time.perf_counter()
         views = [v.to(device, non_blocking=True) for v in views]
-        kw, quality = {}, {}
+        kw = {k: v.to(device, non_blocking=True) for k, v in extra.get("inputs", {}).items()}
+        quality = {}
         if weighter is not None:
             m0, m1 = (x.to(device, non_blocking=True) for x in extra["masks"])
             kw["pair_weights"], q = weighter(views[0], views[1], m0, m1)

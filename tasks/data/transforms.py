@@ -208,6 +208,12 @@ def byol_views(size: int, min_scale: float = 0.08) -> list[Augment]:
             dataclasses.replace(base, p_blur=0.1, p_solarize=0.2)]
 
 
+def crop_views(size: int, scale: tuple[float, float], flip: bool = True) -> list[Augment]:
+    """One view, geometry only: RandomResizedCrop ``scale`` (+ horizontal flip), no colour, grey or blur.
+    MAE: scale (0.2, 1) with flip (METHODS.md 7.5); I-JEPA: scale (0.3, 1), no flip (6.4)."""
+    return [Augment(size=size, scale=scale, p_jitter=0.0, p_grey=0.0, p_blur=0.0, p_flip=0.5 if flip else 0.0)]
+
+
 def multicrop_views(size: int, num_local: int = 6, local_size: int | None = None,
                     global_scale: tuple[float, float] = (0.14, 1.0),
                     local_scale: tuple[float, float] = (0.05, 0.14)) -> list[Augment]:

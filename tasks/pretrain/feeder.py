@@ -82,7 +82,7 @@ class ViewFeeder:
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
                  augments: list, channels_last: bool = False, masks=None, variations=None, variation_masks=None,
-                 prob_generated: float = 0.0):
+                 prob_generated: float = 0.0, collate=None):
         import numpy as np
 
         from tasks.data.transforms import MultiView
@@ -98,6 +98,8 @@ class ViewFeeder:
         self.masks = masks  # [N, R, R] float foreground masks in the images' frame, or None
         # GenView: per image its generated variations [V, R, R, 3] (and their masks), or None
         self.variations, self.variation_masks, self.prob_generated = variations, variation_masks, prob_generated
+        # the method's per-step inputs (token masks) for the global batch; each rank keeps its images' rows
+        self.collate = collate
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
         self.t.start()
@@ -135,6 +137,9 @@ class ViewFeeder:
             else:  # masks follow the first two views' crops and flips
                 views, geoms = self.views(sources, with_geometry=True, per_view=True)
                 extra["masks"] = [self.crop_masks(masks[v], geoms[v], self.views.augments[v].size) for v in (0, 1)]
+            if self.collate is not None:
+                made = self.collate(self.per * self.world, step, self.seed)
+                extra["inputs"] = {k: v[self.rank::self.world] for k, v in made.items()}
             if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
                 views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
             self.q.put((views, extra))

@@ -22,3 +22,10 @@ def warmup_cosine_lr(step: int, max_steps: int, base_lr: float, warmup_steps: in
 def scaled_lr(base_lr: float, global_batch: int, ref: int = 256) -> float:
     """Linear scaling rule (Goyal et al. 2017): ``base_lr * global_batch / ref``."""
     return base_lr * global_batch / ref
+
+
+def linear_schedule(step: int, max_steps: int, start: float, end: float) -> float:
+    """``start + (end - start) * step / max_steps``, step clamped to [0, max_steps] (I-JEPA's momentum)."""
+    if max_steps <= 0:
+        return end
+    return start + (end - start) * min(max(step, 0), max_steps) / max_steps

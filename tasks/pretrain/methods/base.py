@@ -18,6 +18,10 @@ class Method(nn.Module):
     GenView's quality score) turns the loss into ``mean(w_i * l_i)`` over this rank's images, where ``l_i``
     is image i's own loss term (symmetrised over its views where the method is symmetric).
     The trainer sets ``steps_per_epoch`` before the first step (schedules that are stated in epochs).
+
+    ``collate(batch, step, seed)`` is the data side's hook (token masks of MAE, I-JEPA, ...): called in the
+    loader thread for the *global* batch, it returns tensors whose first dim is the batch; each rank gets
+    the rows of its own images and ``forward`` receives them as keyword arguments.
     """
 
     steps_per_epoch: int | None = None
@@ -30,9 +34,15 @@ class Method(nn.Module):
         self.feat_dim = feat_dim
 
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
-                pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Return ``{"loss": scalar tensor, <metric>: detached scalar tensor, ...}``."""
+                pair_weights: torch.Tensor | None = None, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": scalar tensor, <metric>: detached scalar tensor, ...}``; ``inputs`` are this
+        rank's rows of what :meth:`collate` made."""
         raise NotImplementedError
+
+    def collate(self, batch: int, step: int, seed: int) -> dict[str, torch.Tensor]:
+        """Per-step inputs besides the views, for the whole global batch (a pure function of the step);
+        none by default."""
+        return {}
 
     def view_augments(self, size: int) -> list[Augment]:
         """One :class:`~tasks.data.transforms.Augment` per view ``forward`` expects; default MoCo v2's pair."""

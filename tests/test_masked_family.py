@@ -1,0 +1,273 @@
+"""Shared pieces of the masked / predictive family: token masks, the masked ViT, MAE and I-JEPA details.
+
+Where lightly has the same piece (MAE masking, patchify and targets, the masked timm ViT, I-JEPA's mask
+collator) we check agreement on identical inputs and random streams; the rest by hand on small tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.data.masking import MultiBlockMasks, random_masking, step_generator
+from tasks.models.backbone import build_backbone
+from tasks.models.vit import (TokenPredictor, gather_tokens, normalize_patches, patchify, sincos_2d, unpatchify,
+                              vit_tokens)
+from tasks.pretrain.methods import get_method
+
+VIT_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_backbone("vit_tiny_patch16_224", **{**VIT_KW, **kw})
+
+
+# ------------------------------------------------------------------------------------------ random masking
+def test_random_masking_partitions_each_row():
+    keep, masked = random_masking(64, 49, 0.75, torch.Generator().manual_seed(0))
+    assert keep.shape == (64, 12) and masked.shape == (64, 37)  # int(49 * 0.25) kept, as MAE
+    both = torch.cat([keep, masked], 1).sort(1).values
+    assert torch.equal(both, torch.arange(49).expand(64, -1))  # disjoint, and together every patch
+    assert torch.equal(keep, keep.sort(1).values) and torch.equal(masked, masked.sort(1).values)
+    # every position is kept about 25 % of the time over many draws (no positional bias)
+    keep, _ = random_masking(4000, 49, 0.75, torch.Generator().manual_seed(1))
+    freq = torch.bincount(keep.flatten(), minlength=49).float() / 4000
+    assert (freq - 12 / 49).abs().max() < 0.035
+
+
+def test_random_masking_agrees_with_lightly():
+    from lightly.models.utils import random_token_mask
+
+    torch.manual_seed(7)
+    lk, lm = random_token_mask((5, 16), mask_ratio=0.75, mask_class_token=True)
+    keep, masked = random_masking(5, 16, 0.75, torch.Generator().manual_seed(7))
+    assert torch.equal(keep, lk.sort(1).values) and torch.equal(masked, lm.sort(1).values)
+
+
+def test_step_generator_is_a_function_of_seed_and_step():
+    a = torch.rand(3, generator=step_generator(1, 5))
+    assert torch.equal(a, torch.rand(3, generator=step_generator(1, 5)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(1, 6)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(2, 5)))
+    assert not torch.equal(a, torch.rand(3, generator=step_generator(1, 5, stream=1)))
+
+
+# ------------------------------------------------------------------------------------- I-JEPA multi-block
+def _possible_sizes(grid, scale, aspect):
+    """Every (h, w) the size rule can produce, evaluated on a fine grid of u."""
+    rows, cols = grid
+    out = set()
+    for u in torch.linspace(0, 1, 20001).tolist():
+        n = int(rows * cols * (scale[0] + u * (scale[1] - scale[0])))
+        a = aspect[0] + u * (aspect[1] - aspect[0])
+        h, w = int(round(math.sqrt(n * a))), int(round(math.sqrt(n / a)))
+        out.add((min(h, rows - 1), min(w, cols - 1)))
+    return out
+
+
+def _bbox(idx, cols):
+    r, c = idx // cols, idx % cols
+    return int(r.min()), int(r.max()), int(c.min()), int(c.max())
+
+
+def test_multiblock_masks_obey_their_rules_over_many_draws():
+    grid = (14, 14)
+    sampler = MultiBlockMasks(grid)
+    target_sizes, seen_t = _possible_sizes(grid, (0.15, 0.2), (0.75, 1.5)), set()
+    for step in range(150):
+        context, targets = sampler(8, step_generator(0, step, 0), step_generator(0, step, 1))
+        assert context.shape[:2] == (8, 1) and targets.shape[:2] == (8, 4)
+        kt, kc = targets.shape[2], context.shape[2]
+        assert kc > sampler.min_keep
+        sizes = set()
+        for b in range(8):
+            for j in range(4):  # each target block is one full h x w rectangle, the same size for the batch
+                r0, r1, c0, c1 = _bbox(targets[b, j], 14)
+                assert (r1 - r0 + 1) * (c1 - c0 + 1) == kt and len(set(targets[b, j].tolist())) == kt
+                sizes.add((r1 - r0 + 1, c1 - c0 + 1))
+                assert r0 < 14 - (r1 - r0 + 1) and c0 < 14 - (c1 - c0 + 1)  # corner from randint(0, H - h)
+            ctx = context[b, 0]
+            assert torch.equal(ctx, ctx.sort().values) and len(set(ctx.tolist())) == kc
+            assert not set(ctx.tolist()) & set(targets[b].flatten().tolist())  # target patches removed
+        assert len(sizes) == 1
+        seen_t |= sizes
+        assert 0.15 * 196 * 0.6 <= kt <= 0.2 * 196 * 1.25  # near the scale range (rounding of h and w)
+    assert seen_t <= target_sizes and len(seen_t) >= 3  # only sizes the rule allows, and several of them
+
+
+def test_multiblock_context_is_a_square_block():
+    sampler = MultiBlockMasks((14, 14), allow_overlap=True)  # nothing removed: the context block as drawn
+    for step in range(30):
+        context, _ = sampler(4, step_generator(3, step, 0), step_generator(3, step, 1))
+        k = context.shape[2]
+        side = int(round(math.sqrt(k)))
+        assert side * side == k and (side, side) in _possible_sizes((14, 14), (0.85, 1.0), (1, 1))
+        for b in range(4):
+            r0, r1, c0, c1 = _bbox(context[b, 0], 14)
+            assert (r1 - r0 + 1, c1 - c0 + 1) == (side, side)
+
+
+def test_multiblock_terminates_on_small_grids():
+    # 8 x 8 grid: a target block has 9-12 patches; the official loop would spin forever with min_keep 10
+    context, targets = MultiBlockMasks((8, 8))(16, step_generator(0, 0, 0), step_generator(0, 0, 1))
+    assert targets.shape[:2] == (16, 4) and targets.shape[2] >= 6 and context.shape[2] >= 1
+
+
+def test_multiblock_agrees_with_lightly_collator():
+    from lightly.data.ijepa_collate import IJEPAMaskCollator
+
+    col = IJEPAMaskCollator(input_size=112, patch_size=8, enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2),
+                            aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10)
+    ours = MultiBlockMasks((14, 14))
+    for step in range(6):
+        col._itr_counter.value = step - 1  # lightly seeds the block sizes by its iteration counter
+        torch.manual_seed(100 + step)  # and draws positions from the global stream
+        _, enc, pred = col([torch.zeros(1)] * 5)
+        context, targets = ours(5, torch.Generator().manual_seed(step), torch.Generator().manual_seed(100 + step))
+        assert torch.equal(enc[0], context[:, 0])
+        for j in range(4):
+            assert torch.equal(pred[j], targets[:, j])
+
+
+# ------------------------------------------------------------------------------------------ masked ViT
+def test_vit_tokens_agree_with_lightly_masked_vit():
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+
+    vit, _ = tiny_vit()
+    lvit = MaskedVisionTransformerTIMM(vit=vit, weight_initialization="skip")  # wraps the same weights
+    x = torch.randn(3, 3, 32, 32)
+    keep, _ = random_masking(3, 16, 0.5, torch.Generator().manual_seed(0))
+    prefix, patches = vit_tokens(vit, x, keep)
+    idx_keep = torch.cat([torch.zeros(3, 1, dtype=torch.long), keep + 1], 1)  # lightly counts the class token
+    ref = lvit.encode(x, idx_keep=idx_keep)
+    torch.testing.assert_close(torch.cat([prefix, patches], 1), ref)
+    # no mask: exactly timm's forward_features
+    torch.testing.assert_close(torch.cat(vit_tokens(vit, x), 1), vit.forward_features(x))
+
+
+def test_kept_patch_output_depends_only_on_kept_patches():
+    vit, _ = tiny_vit()
+    vit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 10], [1, 2, 15]])
+    _, a = vit_tokens(vit, x, keep)
+    y = x.clone()
+    y[:, :, 24:, :16] += 5.0  # patches 12 and 13: kept by neither image
+    _, b = vit_tokens(vit, y, keep)
+    torch.testing.assert_close(a, b)
+
+
+def test_patchify_targets_agree_with_lightly():
+    from lightly.models.utils import normalize_mean_var
+    from lightly.models.utils import patchify as lpatchify
+
+    x = torch.randn(2, 3, 16, 16)
+    p = patchify(x, 4)
+    torch.testing.assert_close(p, lpatchify(x, 4))
+    torch.testing.assert_close(normalize_patches(p), normalize_mean_var(p, dim=-1))
+    torch.testing.assert_close(unpatchify(p, 4, (4, 4)), x)
+    assert torch.equal(p[0, 5].view(4, 4, 3).permute(2, 0, 1), x[0, :, 4:8, 4:8])  # patch 5 = row 1, col 1
+
+
+def test_sincos_by_hand():
+    e = sincos_2d((2, 3), 8)  # 2 frequencies per axis: 1 and 1/100
+    assert e.shape == (6, 8)
+    r, c = 1, 2
+    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
+            math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    torch.testing.assert_close(e[r * 3 + c], torch.tensor(want))
+    assert len({tuple(v) for v in e.tolist()}) == 6
+
+
+def test_predictor_outputs_depend_on_target_positions():
+    torch.manual_seed(0)
+    pred = TokenPredictor(16, (4, 4), 16, 1, 2, 5)
+    tok = torch.randn(1, 3, 16)
+    pos = torch.tensor([[0, 1, 2]])
+    out = pred(tok, pos, torch.tensor([[7, 9]]))
+    assert out.shape == (1, 2, 5) and not torch.allclose(out[0, 0], out[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------- MAE
+def test_mae_loss_is_normalised_pixel_mse_on_removed_patches():
+    vit, d = tiny_vit()
+    mae = get_method("mae")(vit, d, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    x = torch.randn(4, 3, 32, 32)
+    inputs = mae.collate(4, 0, 0)
+    assert inputs["keep"].shape == (4, 4) and inputs["masked"].shape == (4, 12)
+    loss = mae([x], 0, 10, **inputs)["loss"]
+    pred = mae.reconstruct(x, inputs["keep"], inputs["masked"])
+    target = gather_tokens(patchify(x, 8), inputs["masked"])
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(loss, F.mse_loss(pred, target))
+    # the loss does not look at visible patches: changing them changes nothing but the encoder input
+    mae_raw = get_method("mae")(tiny_vit()[0], d, decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    assert torch.allclose(mae_raw.targets(x, inputs["masked"]), gather_tokens(patchify(x, 8), inputs["masked"]))
+
+
+def test_mae_rejects_a_cnn_and_a_wrong_size():
+    cnn, d = build_backbone("tiny_convnet")
+    with pytest.raises(ValueError, match="needs a ViT"):
+        get_method("mae")(cnn, d)
+    vit, d = tiny_vit()
+    mae = get_method("mae")(vit, d, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ValueError, match="img_size"):
+        mae([torch.randn(2, 3, 48, 48)], 0, 10)
+
+
+def test_mae_learns_to_reconstruct_a_fixed_batch():
+    from tasks.pretrain.loop import build_optimizer, train_step
+
+    # Each image one random colour: the removed patches can be predicted only from the visible ones
+    # (raw-pixel target; a normalised target of a flat patch would be all zeros).
+    vit, d = tiny_vit()
+    mae = get_method("mae")(vit, d, decoder_dim=32, decoder_depth=1, decoder_heads=2, norm_pix_loss=False)
+    opt = build_optimizer(mae, "adamw", 3e-3, 0.9, 0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 1, 1, generator=g).expand(-1, -1, 32, 32).contiguous()
+    losses = [train_step(mae, opt, [x], s, 80, 3e-3, **mae.collate(16, s, 0))["loss"] for s in range(80)]
+    assert sum(losses[-10:]) / 10 < 0.3 * sum(losses[:5]) / 5, losses
+
+
+# ------------------------------------------------------------------------------------------------- I-JEPA
+def _ijepa(**kw):
+    vit, d = tiny_vit(img_size=64, class_token=False, global_pool="avg")
+    return get_method("ijepa")(vit, d, predictor_dim=32, predictor_depth=1, **kw)
+
+
+def test_ijepa_targets_are_layer_normalised_target_features():
+    m = _ijepa()
+    x = torch.randn(2, 3, 64, 64)
+    inputs = m.collate(2, 0, 0)
+    goal = m.target_features(x, inputs["targets"])
+    b, k, t = inputs["targets"].shape
+    assert goal.shape == (b * k, t, 32)
+    torch.testing.assert_close(goal.mean(-1), torch.zeros(b * k, t), atol=1e-5, rtol=0)
+    torch.testing.assert_close(goal.var(-1, unbiased=False), torch.ones(b * k, t), atol=1e-3, rtol=0)
+    full = F.layer_norm(m.target_encoder.forward_features(x), (32,))
+    torch.testing.assert_close(goal[1], full[0, inputs["targets"][0, 1]])  # image 0, its second block
+
+
+def test_ijepa_loss_by_hand_and_ema_is_linear():
+    m = _ijepa(loss="l2")
+    x = torch.randn(2, 3, 64, 64)
+    inputs = m.collate(2, 3, 0)
+    loss = m([x], 0, 10, **inputs)["loss"]
+    goal = m.target_features(x, inputs["targets"])
+    _, z = vit_tokens(m.backbone, x, inputs["context"])
+    b, k, t = inputs["targets"].shape
+    pred = m.predictor(z.repeat_interleave(k, 0), inputs["context"].repeat_interleave(k, 0), inputs["targets"].reshape(b * k, t))
+    torch.testing.assert_close(loss, ((pred - goal) ** 2).mean())
+    # EMA: m_t = 0.996 + 0.004 t / T; at t = T/2 the target moves by (1 - 0.998) of the gap
+    online = [p.detach().clone() + 1.0 for p in m.backbone.parameters()]
+    with torch.no_grad():
+        for p, o in zip(m.backbone.parameters(), online):
+            p.copy_(o)
+    before = [p.detach().clone() for p in m.target_encoder.parameters()]
+    m.after_step(5, 10)
+    for t_new, t_old, o in zip(m.target_encoder.parameters(), before, online):
+        torch.testing.assert_close(t_new, 0.998 * t_old + 0.002 * o)
+    assert not any(p.requires_grad for p in m.target_encoder.parameters())
