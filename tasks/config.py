@@ -85,7 +85,8 @@ class PretrainConfig:
     max_steps: int = 0  # 0: epochs decide
     lr: float = 0.06  # at batch 256; scaled linearly by the global batch (all workers and nodes counted)
     optimizer: str = "sgd"  # sgd | lars | adamw (biases and norm parameters: no weight decay, no LARS scaling)
-    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1 stays 0.9)
+    momentum: float = 0.9  # SGD/LARS momentum (AdamW uses adamw_betas)
+    adamw_betas: tuple = (0.9, 0.999)  # AdamW (beta1, beta2); MAE/MixedAE/MoCE: (0.9, 0.95); I-JEPA: the default
     weight_decay: float = 5e-4
     warmup_steps: int = 10
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
@@ -270,6 +271,9 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"pretrain.method: unknown method {cfg.pretrain.method!r} (known: {', '.join(sorted(METHODS))})")
     if cfg.pretrain.optimizer.lower() not in ("sgd", "lars", "adamw"):
         raise ConfigError(f"pretrain.optimizer: {cfg.pretrain.optimizer!r} is not one of sgd, lars, adamw")
+    betas = cfg.pretrain.adamw_betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"pretrain.adamw_betas: expected two numbers in [0, 1), got {list(betas)}")
     if cfg.pretrain.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"pretrain.precision: {cfg.pretrain.precision!r} is not one of auto, fp32, bf16")
     if cfg.pretrain.use_gpu not in ("auto", "yes", "no"):

@@ -234,7 +234,7 @@ def test_mae_learns_to_reconstruct_a_fixed_batch():
 
 # ------------------------------------------------------------------------------------------------- I-JEPA
 def _ijepa(**kw):
-    vit, d = tiny_vit(img_size=64, class_token=False, global_pool="avg")
+    vit, d = tiny_vit(img_size=64, class_token=False, global_pool="avg", fc_norm=False)
     return get_method("ijepa")(vit, d, predictor_dim=32, predictor_depth=1, **kw)
 
 
@@ -271,3 +271,9 @@ def test_ijepa_loss_by_hand_and_ema_is_linear():
     for t_new, t_old, o in zip(m.target_encoder.parameters(), before, online):
         torch.testing.assert_close(t_new, 0.998 * t_old + 0.002 * o)
     assert not any(p.requires_grad for p in m.target_encoder.parameters())
+
+
+def test_a_vit_that_pools_before_its_norm_is_a_clear_error():
+    vit, d = tiny_vit(class_token=False, global_pool="avg")  # timm then norms after pooling (fc_norm)
+    with pytest.raises(ValueError, match="fc_norm: false"):
+        get_method("ijepa")(vit, d, predictor_dim=32, predictor_depth=1)

@@ -169,3 +169,33 @@ def test_other_method_with_quality_weighting_through_ray_train(tiny_store, tmp_p
     client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
     run = client.get_run(st.manifest("pretrain")["mlflow_run_id"])
     assert run.data.params["method"] == "swav" and "quality_q" in run.data.metrics
+
+
+@pytest.mark.parametrize("method,kwargs", [
+    # one pipeline run costs ~60 s here: MAE (the simpler of the two) only in the slow suite
+    pytest.param("mae", "{decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}", marks=pytest.mark.slow),
+    ("ijepa", "{predictor_dim: 32, predictor_depth: 1}"),
+])
+def test_masked_family_through_ray_train(tiny_store, tmp_path, capsys, method, kwargs):
+    """MAE and I-JEPA on a ViT in the real trainer (2 workers): the feeder draws the global batch's token
+    masks per step and each worker gets its rows; the encoder exports and evaluates as a plain timm ViT."""
+    import json
+
+    from tasks.store import Storage
+
+    storage = copy_store(tiny_store, tmp_path / "store")
+    args = [str(write_pipeline(tmp_path / "pipeline.yaml")), "--storage", str(storage)]
+    capsys.readouterr()
+    vit = ("{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, class_token: false, global_pool: avg, "
+           "fc_norm: false}")
+    assert main(["run", *args, "--set", f"pretrain.method={method}", "--set", "pretrain.backbone=vit_tiny_patch16_224",
+                 "--set", f"pretrain.backbone_kwargs={vit}", "--set", f"pretrain.method_kwargs={kwargs}",
+                 "--set", "pretrain.optimizer=adamw", "--set", "pretrain.adamw_betas=[0.9, 0.95]",
+                 "--set", "pretrain.lr=0.0015", "--set", "pretrain.weight_decay=0.05"]) == 0
+    status = _status(capsys)
+    assert status["pretrain"] == "ran" and status["evaluate"] == "ran"
+    st = Storage(str(storage))
+    hist = st.read_table("pretrain", "history").to_pylist()
+    assert len(hist) == 4 and all(h["loss"] > 0 for h in hist)
+    report = json.loads(st.read_file("evaluate", "report.json"))
+    assert 0.0 <= report["results"]["pretrained"]["knn_top1"] <= 1.0

@@ -24,6 +24,11 @@ def require_vit(model: nn.Module, method: str) -> None:
     if not is_vit(model):
         raise ValueError(f"{method} needs a ViT backbone (a timm VisionTransformer, e.g. vit_small_patch16_224); "
                          f"got {type(model).__name__}")
+    pooled = [n for n in ("fc_norm", "attn_pool") if any(True for _ in (getattr(model, n, None) or nn.Identity()).parameters())]
+    if pooled:
+        raise ValueError(f"{method} trains the ViT's patch tokens, but this ViT normalises/pools after pooling "
+                         f"({', '.join(pooled)}: those weights would get no gradient); build it with "
+                         f"backbone_kwargs fc_norm: false and global_pool: avg or token")
     if getattr(model, "dynamic_img_size", False):
         raise ValueError(f"{method}: dynamic_img_size ViTs are not supported; set img_size to the pretrain resolution")
 

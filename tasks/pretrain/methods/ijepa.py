@@ -12,7 +12,7 @@ the encoder's width, and depth 6 (the code default; the ViT-H configs use 12). I
 over its 4 targets; all images have the same mask sizes, so the batch loss is the mean of those terms.
 A timm ViT with a class token is allowed (the token is encoded with the context, nothing is predicted for
 it); for evaluation I-JEPA pools patch tokens, so ``backbone_kwargs: {class_token: false, global_pool: avg}``
-is the faithful encoder.
+is the faithful encoder (with ``fc_norm: false``: tokens layer-normed, then averaged).
 """
 from __future__ import annotations
 
