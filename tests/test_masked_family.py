@@ -277,3 +277,63 @@ def test_a_vit_that_pools_before_its_norm_is_a_clear_error():
     vit, d = tiny_vit(class_token=False, global_pool="avg")  # timm then norms after pooling (fc_norm)
     with pytest.raises(ValueError, match="fc_norm: false"):
         get_method("ijepa")(vit, d, predictor_dim=32, predictor_depth=1)
+
+
+# ------------------------------------------------------------------------------------------------ MixedAE
+def test_group_partitions_split_each_group_s_positions():
+    from tasks.pretrain.methods.mixedae import group_partitions
+
+    keep, masked = group_partitions(8, 16, 4, torch.Generator().manual_seed(0))
+    assert keep.shape == (8, 4) and masked.shape == (8, 12)
+    for g in range(2):
+        assert torch.equal(keep[4 * g:4 * g + 4].flatten().sort().values, torch.arange(16))  # disjoint, complete
+    for i in range(8):
+        assert torch.equal(torch.cat([keep[i], masked[i]]).sort().values, torch.arange(16))
+    with pytest.raises(ValueError, match="multiples"):
+        group_partitions(6, 16, 4)
+
+
+def test_mixing_by_hand():
+    from tasks.pretrain.methods.mixedae import MixedAE, mix_tokens
+
+    keep = torch.tensor([[0, 3], [1, 2]])  # one group of 2 images on 4 positions
+    owner = MixedAE.owners(keep, 2, 4)
+    assert owner.tolist() == [[0, 1, 1, 0]]
+    patches = torch.arange(2 * 4 * 1).float().view(2, 4, 1)  # image 0: 0..3, image 1: 4..7
+    assert mix_tokens(patches, owner).flatten().tolist() == [0, 5, 6, 3]
+
+
+def test_topk_attention_is_timm_attention_at_full_k_and_keeps_k():
+    from tasks.pretrain.methods.mixedae import topk_attention
+
+    vit, _ = tiny_vit()
+    attn = vit.blocks[0].attn
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(topk_attention(attn, x, 16), attn(x))
+    record = []
+    out = topk_attention(attn, x, 3, record)
+    assert out.shape == x.shape and record[0].shape == (2, 2, 16, 16)
+    assert (record[0].sum(-1) == 3).all()  # each query of each head keeps exactly its 3 largest logits
+    assert not torch.allclose(out, attn(x))
+
+
+def test_homologous_attention_selects_its_own_image_above_chance_once_trained():
+    """A mix of two distinct images (each one random colour plus noise, groups of 2): after a short MixedAE
+    run (reconstruction + homologous contrastive loss), the top-K attention picks patches of the query's
+    own image well above chance."""
+    from tasks.pretrain.loop import build_optimizer, train_step
+
+    vit, d = tiny_vit(class_token=False, global_pool="avg", fc_norm=False)
+    m = get_method("mixedae")(vit, d, mix_ratio=0.5, decoder_dim=32, decoder_depth=1, decoder_heads=2, hc_dim=16)
+
+    def images(g):
+        return torch.rand(16, 3, 1, 1, generator=g) * 2 - 1 + 0.3 * torch.randn(16, 3, 32, 32, generator=g)
+
+    probe, probe_keep = images(torch.Generator().manual_seed(99)), m.collate(16, 10_000, 1)["keep"]
+    chance = (8 - 1) / (16 - 1)
+    opt = build_optimizer(m, "adamw", 2e-3, 0.9, 0.0)
+    g = torch.Generator().manual_seed(1)
+    for s in range(100):
+        out = train_step(m, opt, [images(g)], s, 100, 2e-3, **m.collate(16, s, 0))
+    assert out["hc_loss"] < 2.2  # the optimum here is log(7) = 1.95: 7 positives among 15 others
+    assert m.same_image_rate(probe, probe_keep) > chance + 0.1

@@ -25,12 +25,13 @@ TINY_KWARGS = {
     "densecl": {"queue_size": 32, "hidden_dim": 32, "out_dim": 16},
     "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
     "ijepa": {"predictor_dim": 32, "predictor_depth": 1},
+    "mixedae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "hc_dim": 16},
 }
 SIZE = 16
 # The masked / predictive family needs a ViT: a tiny one (4 x 4 patch grid). It has no batch statistics,
 # so it is as exact across ranks as the normalisation-free tiny_convnet the others use.
 TINY_VIT = ("vit_tiny_patch16_224", {"img_size": SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
-BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT}
+BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT, "mixedae": TINY_VIT}
 
 
 def build(name: str, seed: int = 0):

@@ -108,7 +108,9 @@ class ViewFeeder:
         epoch, i = divmod(step, self.steps_per_epoch)
         perm = self.np.random.default_rng(self.seed + epoch).permutation(len(self.images))
         glob = perm[i * self.per * self.world:(i + 1) * self.per * self.world]
-        return glob[self.rank::self.world]  # each rank its slice of the global batch: global semantics
+        # each rank a contiguous slice of the global batch: global semantics, and groups of consecutive
+        # images (MixedAE's mixing groups) stay on one rank
+        return glob[self.rank * self.per:(self.rank + 1) * self.per]
 
     def _sources(self, idx, step: int):
         """Per view, the images to augment, and per the first two views their masks (GenView's pairing: one
@@ -139,7 +141,7 @@ class ViewFeeder:
                 extra["masks"] = [self.crop_masks(masks[v], geoms[v], self.views.augments[v].size) for v in (0, 1)]
             if self.collate is not None:
                 made = self.collate(self.per * self.world, step, self.seed)
-                extra["inputs"] = {k: v[self.rank::self.world] for k, v in made.items()}
+                extra["inputs"] = {k: v[self.rank * self.per:(self.rank + 1) * self.per] for k, v in made.items()}
             if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
                 views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
             self.q.put((views, extra))
