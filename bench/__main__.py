@@ -18,6 +18,10 @@ REGISTRY: dict[str, str] = {
     "byol": "bench.methods:byol",  # byol.step_over_backbone, byol.ours_over_lightly[...]
     "swav": "bench.methods:swav",  # swav.step_over_backbone, swav.ours_over_lightly[...]
     "densecl": "bench.methods:densecl",  # densecl.step_over_backbone, densecl.step_over_mocov2, ...
+    "masked": "bench.masked:run",  # ijepa, mixedae, moce below (each .step_over_mae), in one run
+    "ijepa": "bench.masked:ijepa",  # ijepa.step_over_mae
+    "mixedae": "bench.masked:mixedae",  # mixedae.step_over_mae (once tasks/pretrain/methods/mixedae.py exists)
+    "moce": "bench.masked:moce",  # moce.step_over_mae (top-1 routing; once moce.py exists)
     "knn": "bench.knn:run",
     "genview": "bench.genview:run",  # masks.stage_over_loop, views.stage_over_loop (Ray Data vs a plain loop)  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
 }

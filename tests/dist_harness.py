@@ -47,13 +47,19 @@ def rank_slice(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def ddp_gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Gradients averaged over ranks, as DDP leaves them after backward: name -> tensor."""
+    """Gradients averaged over ranks, as DDP leaves them after backward: name -> tensor. A parameter that got
+    a gradient on some ranks only (a sparse expert) counts as zero on the others, as DDP with
+    ``find_unused_parameters`` does."""
     world = dist.get_world_size()
     out = {}
     for name, p in module.named_parameters():
-        if p.grad is None:
+        if not p.requires_grad:
             continue
-        g = p.grad.detach().clone()
+        has = torch.tensor(float(p.grad is not None))
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        if not has:
+            continue
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         dist.all_reduce(g, op=dist.ReduceOp.SUM)
         out[name] = g / world
     return out

@@ -337,3 +337,84 @@ def test_homologous_attention_selects_its_own_image_above_chance_once_trained():
         out = train_step(m, opt, [images(g)], s, 100, 2e-3, **m.collate(16, s, 0))
     assert out["hc_loss"] < 2.2  # the optimum here is log(7) = 1.95: 7 positives among 15 others
     assert m.same_image_rate(probe, probe_keep) > chance + 0.1
+
+
+# --------------------------------------------------------------------------------------------------- MoCE
+def _moce(centroids, num_experts=4, **kw):
+    vit, d = tiny_vit(depth=4, class_token=False, global_pool="avg", fc_norm=False)
+    m = get_method("moce")(vit, d, centroids=centroids, num_experts=num_experts, decoder_dim=32, decoder_depth=1,
+                           decoder_heads=2, **kw)
+    with torch.no_grad():  # experts start as copies of the block's MLP; make them distinct
+        for i in m.moe_layers:
+            for e in m.backbone.blocks[i].mlp.experts:
+                for p in e.parameters():
+                    p.add_(0.2 * torch.randn_like(p))
+    return m
+
+
+def test_moce_routes_every_token_of_an_image_to_the_same_expert():
+    centroids = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    m = _moce(centroids)
+    assert m.moe_layers == [1, 3]  # every other block, starting with the second
+    layer = m.backbone.blocks[1].mlp
+    h = torch.randn(5, 16, 32)
+    cluster = torch.tensor([0, 1, 2, 1, 0])
+    probs = m.gate_probs(m.centroids[cluster])[0]
+    w, idx = probs.topk(1, dim=-1)
+    layer.route = (idx, w)
+    with torch.no_grad():
+        out = layer(h)
+    layer.route = None
+    for b in range(5):
+        for t in range(16):  # which expert produced this token's output?
+            with torch.no_grad():
+                cands = [float((w[b, 0] * e(h[b, t]) - out[b, t]).abs().max()) for e in layer.experts]
+            assert min(cands) < 1e-5 and int(torch.tensor(cands).argmin()) == int(idx[b, 0])
+    # images of one cluster share their routing; the route is a function of the cluster only
+    assert idx[0] == idx[4] and idx[1] == idx[3]
+
+
+def test_moce_losses_by_hand():
+    from tasks.pretrain.methods.moce import cv_squared
+
+    assert float(cv_squared(torch.tensor([2.0, 2.0, 2.0, 2.0]))) == 0.0
+    torch.testing.assert_close(cv_squared(torch.tensor([4.0, 0.0, 0.0, 0.0])), torch.tensor(3.0))
+    m = _moce(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(4, 3, 32, 32)
+    cluster = torch.tensor([0, 1, 2, 0])
+    out = m([x], 0, 10, cluster=cluster, **m.collate(4, 0, 0))
+    probs = m.gate_probs(m.centroids[cluster])
+    balance = sum(cv_squared(p.sum(0)) for p in probs) / 2
+    entropy = sum(-(p * p.log()).sum(-1).mean() for p in probs) / 2
+    torch.testing.assert_close(out["loss"], out["rec_loss"] + 0.01 * balance + 0.01 * entropy)
+    assert float(m.routed_count.sum()) == 2 * 4  # 2 MoE layers x 4 images, top-1
+
+
+def test_expert_search_on_a_one_cluster_set_picks_that_cluster_s_experts_and_exports_a_dense_vit():
+    from tasks.evaluate.expert_search import search_experts
+    from tasks.models.vit import vit_tokens
+
+    centroids = torch.eye(4, 8)  # 4 orthogonal clusters
+    m = _moce(centroids)
+    with torch.no_grad():  # decisive gates: cluster c -> expert c in layer 1, expert 3 - c in layer 3
+        m.gates[0].weight.copy_(10 * torch.eye(4, 8))
+        m.gates[1].weight.copy_(10 * torch.eye(4, 8).flip(0))
+    g = torch.Generator().manual_seed(0)
+    for c in range(4):
+        downstream = centroids[c] + 0.05 * torch.randn(20, 8, generator=g)  # every image from cluster c
+        found = search_experts(m, downstream.numpy())
+        assert found["experts"] == [c, 3 - c] and found["clusters"].tolist() == [20 if i == c else 0 for i in range(4)]
+        dense = m.dense(found["experts"], found["scales"])
+        plain, _ = tiny_vit(depth=4, class_token=False, global_pool="avg", fc_norm=False)
+        assert dense.state_dict().keys() == plain.state_dict().keys()  # a ViT of ordinary size
+        plain.load_state_dict(dense.state_dict())
+        # for images of cluster c the dense ViT computes what the MoE computes
+        x = torch.randn(2, 3, 32, 32, generator=g)
+        cluster = torch.full((2,), c)
+        for i, p in zip(m.moe_layers, m.gate_probs(m.centroids[cluster])):
+            w, idx = p.topk(1, dim=-1)
+            m.backbone.blocks[i].mlp.route = (idx, w)
+        want = torch.cat(vit_tokens(m.backbone, x), 1)
+        for i in m.moe_layers:
+            m.backbone.blocks[i].mlp.route = None
+        torch.testing.assert_close(plain.forward_features(x), want, rtol=1e-4, atol=1e-5)

@@ -26,12 +26,16 @@ TINY_KWARGS = {
     "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
     "ijepa": {"predictor_dim": 32, "predictor_depth": 1},
     "mixedae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "hc_dim": 16},
+    # 3 clusters of 8-d centroids, 4 experts: a batch of 8 images routes to several, rarely all of them
+    "moce": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_experts": 4,
+             "centroids": torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), "balance_weight": 1.0,
+             "confidence_weight": 1.0},
 }
 SIZE = 16
 # The masked / predictive family needs a ViT: a tiny one (4 x 4 patch grid). It has no batch statistics,
 # so it is as exact across ranks as the normalisation-free tiny_convnet the others use.
 TINY_VIT = ("vit_tiny_patch16_224", {"img_size": SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
-BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT, "mixedae": TINY_VIT}
+BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT, "mixedae": TINY_VIT, "moce": TINY_VIT}
 
 
 def build(name: str, seed: int = 0):
@@ -47,8 +51,13 @@ def global_views(method, batch: int, seed: int) -> list[torch.Tensor]:
 
 
 def global_inputs(method, batch: int, step: int) -> dict[str, torch.Tensor]:
-    """What the data side adds for the global batch (token masks), as the trainer's feeder calls it."""
-    return method.collate(batch, step, seed=0)
+    """What the data side adds for the global batch (token masks; MoCE: each image's cluster id), as the
+    trainer's feeder does."""
+    inputs = method.collate(batch, step, seed=0)
+    if getattr(method, "needs_clusters", False):
+        g = torch.Generator().manual_seed(step)
+        inputs["cluster"] = torch.randint(0, len(method.centroids), (batch,), generator=g)
+    return inputs
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -92,7 +101,7 @@ def _two_steps(rank: int, world: int, name: str, batch: int) -> dict:
         grads = ddp_gradients(method)
         for n, p in method.named_parameters():
             if n in grads:
-                p.grad.copy_(grads[n])
+                p.grad = grads[n].clone()
         losses.append(mean_over_ranks(out["loss"]))
         opt.step()
         method.after_step(step, 10)
