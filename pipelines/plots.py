@@ -39,6 +39,26 @@ def bar_figure(values: dict[str, float], title: str):
     return fig
 
 
+def histogram_figure(counts, title: str, xlabel: str, ylabel: str):
+    """One bar per bin (e.g. images per cluster), sorted by index, with the mean as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.asarray(counts)
+    fig, ax = plt.subplots(figsize=(max(4, min(12, 0.25 * len(counts) + 2)), 3), dpi=100)
+    ax.bar(np.arange(len(counts)), counts, color="#2a7")
+    ax.axhline(counts.mean() if len(counts) else 0, color="#888", ls="--", lw=1, label="mean")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def mask_grid_figure(images: list, masks: list, gt: list | None = None, title: str = "foreground masks"):
     """Rows of (image | predicted mask overlay [| ground truth]) for a few images."""
     import matplotlib

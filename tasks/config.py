@@ -32,8 +32,11 @@ class CurateConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    encoder: str = "resnet18"  # timm model name
-    checkpoint: str = ""  # local checkpoint (state dict) or empty for random init
+    # timm model name; MoCE clusters on MAE features: a ViT (e.g. vit_base_patch16_224 with encoder_kwargs
+    # {global_pool: avg, fc_norm: false, class_token: false}) and the checkpoint of a (first-round) MAE encoder
+    encoder: str = "resnet18"
+    encoder_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (img_size, pooling, tiny test ViTs)
+    checkpoint: str = ""  # local checkpoint (state dict; a pretrain stage's encoder.pt) or empty for random init
     resolution: int = 64
     k: int = 8
     batch_size: int = 64
@@ -122,6 +125,9 @@ class EvaluateConfig:
     linear_lr: float = 0.1
     test_fraction: float = 0.3  # held-out share of the labelled images (stratified)
     baseline_random: bool = True  # also evaluate the randomly initialised backbone
+    # MoCE: pick each MoE layer's expert for this set (its train split, embedded by the cluster stage's
+    # encoder) and evaluate that dense ViT too
+    expert_search: bool = True
     seed: int = 0
 
 

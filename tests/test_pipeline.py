@@ -171,10 +171,15 @@ def test_other_method_with_quality_weighting_through_ray_train(tiny_store, tmp_p
     assert run.data.params["method"] == "swav" and "quality_q" in run.data.metrics
 
 
+TINY_VIT = ("{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, class_token: false, global_pool: avg, "
+            "fc_norm: false}")
+
+
 @pytest.mark.parametrize("method,kwargs", [
-    # one pipeline run costs ~60 s here: MAE (the simpler of the two) only in the slow suite
+    # one pipeline run costs ~60 s here: these two in the slow suite; MoCE (below) takes the same path
+    # (token masks from the feeder) in the default one
     pytest.param("mae", "{decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}", marks=pytest.mark.slow),
-    ("ijepa", "{predictor_dim: 32, predictor_depth: 1}"),
+    pytest.param("ijepa", "{predictor_dim: 32, predictor_depth: 1}", marks=pytest.mark.slow),
 ])
 def test_masked_family_through_ray_train(tiny_store, tmp_path, capsys, method, kwargs):
     """MAE and I-JEPA on a ViT in the real trainer (2 workers): the feeder draws the global batch's token
@@ -186,8 +191,7 @@ def test_masked_family_through_ray_train(tiny_store, tmp_path, capsys, method, k
     storage = copy_store(tiny_store, tmp_path / "store")
     args = [str(write_pipeline(tmp_path / "pipeline.yaml")), "--storage", str(storage)]
     capsys.readouterr()
-    vit = ("{img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, class_token: false, global_pool: avg, "
-           "fc_norm: false}")
+    vit = TINY_VIT
     assert main(["run", *args, "--set", f"pretrain.method={method}", "--set", "pretrain.backbone=vit_tiny_patch16_224",
                  "--set", f"pretrain.backbone_kwargs={vit}", "--set", f"pretrain.method_kwargs={kwargs}",
                  "--set", "pretrain.optimizer=adamw", "--set", "pretrain.adamw_betas=[0.9, 0.95]",
@@ -199,3 +203,44 @@ def test_masked_family_through_ray_train(tiny_store, tmp_path, capsys, method, k
     assert len(hist) == 4 and all(h["loss"] > 0 for h in hist)
     report = json.loads(st.read_file("evaluate", "report.json"))
     assert 0.0 <= report["results"]["pretrained"]["knn_top1"] <= 1.0
+
+
+def test_moce_clusters_pretrains_and_searches_experts(tiny_store, tmp_path, capsys):
+    """MoCE end to end: the cluster stage embeds with a ViT (an MAE-style encoder, random here) and logs its
+    balance; pretrain gates on those centroids (every image's cluster id reaches its worker; experts that
+    no local image routes to are fine under DDP); evaluate runs the expert search on its train split and
+    evaluates the dense ViT of the chosen experts."""
+    import json
+
+    import mlflow
+
+    from tasks.store import Storage
+
+    storage = copy_store(tiny_store, tmp_path / "store")
+    args = [str(write_pipeline(tmp_path / "pipeline.yaml")), "--storage", str(storage)]
+    capsys.readouterr()
+    assert main(["run", *args, "--set", "cluster.encoder=vit_tiny_patch16_224",
+                 "--set", "cluster.encoder_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, "
+                          "class_token: false, global_pool: avg, fc_norm: false}",
+                 "--set", "pretrain.method=moce", "--set", "pretrain.backbone=vit_tiny_patch16_224",
+                 "--set", f"pretrain.backbone_kwargs={TINY_VIT}",
+                 "--set", "pretrain.method_kwargs={decoder_dim: 32, decoder_depth: 1, decoder_heads: 2, num_experts: 3}",
+                 "--set", "pretrain.optimizer=adamw", "--set", "pretrain.lr=0.0015"]) == 0
+    status = _status(capsys)
+    assert status["cluster"] == "ran" and status["pretrain"] == "ran" and status["evaluate"] == "ran"
+    st = Storage(str(storage))
+    man = st.manifest("cluster")
+    assert 0.0 < man["metrics"]["cluster_balance"] <= 1.0 and man["metrics"]["cluster_max_over_mean"] >= 1.0
+    hist = st.read_table("pretrain", "history").to_pylist()
+    assert len(hist) == 4 and all("balance_loss" in h and "gate_entropy" in h for h in hist)
+    report = json.loads(st.read_file("evaluate", "report.json"))
+    search = report["expert_search"]
+    assert len(search["experts"]) == 1 and 0 <= search["experts"][0] < 3  # 2 blocks: the second is MoE
+    assert sum(search["clusters"]) == report["results"]["expert_search"]["n_train"]
+    assert 0.0 <= report["results"]["expert_search"]["knn_top1"] <= 1.0
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    arts = [a.path for a in client.list_artifacts(man["mlflow_run_id"])]
+    assert "cluster_sizes.png" in arts
+    ev = client.get_run(st.manifest("evaluate")["mlflow_run_id"])
+    assert ev.data.tags["sslforge.expert_search_model_uri"]  # the dense ViT, logged as an MLflow model
+    assert "knn_top1_expert_search" in ev.data.metrics

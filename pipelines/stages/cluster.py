@@ -21,7 +21,8 @@ def run(ctx) -> dict:
     ds = read_stage(ctx.storage, "curate", ["id", "image"])
     pool = actor_pool_size()
     emb = ds.map_batches(Embedder, fn_constructor_kwargs=dict(encoder=cfg.encoder, checkpoint=cfg.checkpoint,
-                                                              resolution=cfg.resolution, seed=cfg.seed),
+                                                              resolution=cfg.resolution, seed=cfg.seed,
+                                                              **cfg.encoder_kwargs),
                          concurrency=pool, batch_size=cfg.batch_size, num_cpus=1)
     table = emb.to_arrow_refs()
     table = pa.concat_tables(ray.get(table)).sort_by("id")
@@ -33,6 +34,15 @@ def run(ctx) -> dict:
                                              "distance": pa.array(res["distance"], pa.float32())}))
     ctx.writer.write_table("centroids", pa.table({"cluster": pa.array(np.arange(cfg.k), pa.int32()),
                                                   "centroid": [c.tolist() for c in res["centroids"]]}), sort_by=None)
+    # balance of the assignment (MoCE trains one expert per group of clusters): normalised entropy of the
+    # cluster sizes (1 = all equal) and the largest cluster over the mean size
+    share = sizes[sizes > 0] / len(x)
+    balance = float(-(share * np.log(share)).sum() / np.log(cfg.k)) if cfg.k > 1 else 1.0
+    from pipelines.plots import histogram_figure
+
+    ctx.tracker.log_figure(histogram_figure(sizes, f"cluster sizes (k={cfg.k}, {len(x)} images)", "cluster",
+                                            "images"), "cluster_sizes.png")
     return {"counts": {"images": len(x), "clusters": cfg.k},
             "metrics": {"inertia": res["inertia"], "cluster_size_min": int(sizes.min()),
-                        "cluster_size_max": int(sizes.max())}}
+                        "cluster_size_max": int(sizes.max()), "cluster_balance": balance,
+                        "cluster_max_over_mean": float(sizes.max() / max(sizes.mean(), 1e-12))}}

@@ -32,6 +32,54 @@ def _evaluate_task(encoder_bytes: bytes, enc_cfg: dict, images, labels, cfg: dic
     return out
 
 
+def _expert_search_task(method_bytes: bytes, enc_cfg: dict, cluster_cfg: dict, image_bytes: list, ids: list,
+                        images, labels, cfg: dict) -> dict:
+    """MoCE: rebuild the trained MoE model, embed the train split with the cluster stage's encoder, pick
+    the experts (tasks/evaluate/expert_search.py) and evaluate the dense ViT they make."""
+    import torch
+
+    from tasks.curation.embed import Embedder
+    from tasks.evaluate.classification import evaluate_encoder, stratified_split
+    from tasks.evaluate.expert_search import search_experts
+    from tasks.models.backbone import build_backbone
+    from tasks.pretrain.methods import get_method
+
+    state = torch.load(io.BytesIO(method_bytes), map_location="cpu", weights_only=True)
+    backbone, dim = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], **enc_cfg["backbone_kwargs"])
+    moce = get_method(enc_cfg["method"])(backbone, dim, centroids=state["centroids"], **enc_cfg["method_kwargs"])
+    moce.load_state_dict(state)
+    train, _ = stratified_split(labels, cfg["test_fraction"], cfg["seed"])
+    embed = Embedder(cluster_cfg["encoder"], checkpoint=cluster_cfg["checkpoint"], resolution=cluster_cfg["resolution"],
+                     seed=cluster_cfg["seed"], **cluster_cfg.get("encoder_kwargs", {}))
+    emb = np.stack(embed({"id": np.asarray(ids)[train], "image": [image_bytes[i] for i in train]})["embedding"])
+    found = search_experts(moce, emb)
+    dense = moce.dense(found["experts"], found["scales"])
+    res = evaluate_encoder(dense, images, labels, k=cfg["knn_k"], temperature=cfg["knn_temperature"],
+                           test_fraction=cfg["test_fraction"], linear_epochs=cfg["linear_epochs"],
+                           linear_lr=cfg["linear_lr"], seed=cfg["seed"], batch_size=cfg["batch_size"])
+    buf = io.BytesIO()
+    torch.save(dense.state_dict(), buf)
+    return {"result": res, "experts": found["experts"], "scales": found["scales"], "mass": found["mass"].tolist(),
+            "clusters": found["clusters"].tolist(), "encoder": buf.getvalue()}
+
+
+def _log_dense(ctx, enc_cfg: dict, blob: bytes) -> None:
+    """The expert-search ViT as an MLflow model of this evaluate run (the stage output's file stays the
+    source of truth if logging fails)."""
+    import torch
+
+    from tasks.models.backbone import build_backbone
+
+    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], **enc_cfg["backbone_kwargs"])
+    enc.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+    size = enc.patch_embed.img_size
+    try:
+        info = ctx.tracker.log_encoder(enc.eval(), None, np.zeros((1, 3, *size), np.float32))
+        ctx.tracker.set_tags({"sslforge.expert_search_model_uri": info.get("model_uri", "")})
+    except Exception as e:  # noqa: BLE001
+        ctx.log(f"warning: could not log the expert-search encoder as an MLflow model: {e}")
+
+
 def run(ctx) -> dict:
     import ray
 
@@ -54,13 +102,28 @@ def run(ctx) -> dict:
 
     res = ray.get(ray.remote(num_cpus=1)(_evaluate_task).remote(blob, enc_cfg, images, labels, to_dict(cfg),
                                                                 pre["config"]["seed"]))
+    search = None
+    if enc_cfg.get("method_file") and cfg.expert_search:
+        search = ray.get(ray.remote(num_cpus=1)(_expert_search_task).remote(
+            ctx.storage.read_file("pretrain", enc_cfg["method_file"]), enc_cfg, ctx.upstream["cluster"]["config"],
+            cur["image"].to_pylist(), cur["id"].to_pylist(), images, labels, to_dict(cfg)))
+        res["expert_search"] = search.pop("result")
+        blob = search.pop("encoder")
+        ctx.writer.write_file("expert_search.pt", blob)
+        _log_dense(ctx, enc_cfg, blob)
+        ctx.log(f"expert search: experts {search['experts']} per MoE layer (train split over clusters {search['clusters']})")
     rows = [{"encoder": name, **vals} for name, vals in res.items()]
     ctx.writer.write_table("data", pa.Table.from_pylist(rows), sort_by="encoder")
     report = {"classes": classes, "results": res, "pretrain_run_id": pre.get("mlflow_run_id", ""),
               "pretrain_content_hash": pre["content_hash"]}
+    if search is not None:
+        report["expert_search"] = search
     ctx.writer.write_file("report.json", json.dumps(report, indent=2).encode())
     ctx.tracker.log_dict(report, "report.json")
     metrics = {"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]}
+    if search is not None:
+        metrics.update(knn_top1_expert_search=res["expert_search"]["knn_top1"],
+                       linear_top1_expert_search=res["expert_search"]["linear_top1"])
     if "random" in res:
         metrics.update(knn_top1_random=res["random"]["knn_top1"], linear_top1_random=res["random"]["linear_top1"])
         from pipelines.plots import bar_figure

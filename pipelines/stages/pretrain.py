@@ -83,7 +83,7 @@ def train_loop(config: dict) -> None:
     from tasks.data.transforms import with_overrides
     from tasks.evaluate.classification import knn_monitor
     from tasks.models.backbone import build_backbone
-    from tasks.pretrain.feeder import ViewFeeder, load_images, load_masks, load_variations
+    from tasks.pretrain.feeder import ViewFeeder, load_clusters, load_images, load_masks, load_variations
     from tasks.pretrain.loop import autocast_dtype, build_optimizer, train_step
     from tasks.pretrain.methods import get_method
     from tasks.pretrain.quality import QualityWeighter
@@ -101,15 +101,21 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = max(1, len(images) // c["batch_size"])
     max_steps = c["max_steps"] or c["epochs"] * steps_per_epoch
     backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], **c["backbone_kwargs"])
-    method = get_method(c["method"])(backbone, dim, **c["method_kwargs"])
+    method_cls = get_method(c["method"])
+    image_inputs, method_kwargs = {}, dict(c["method_kwargs"])
+    if getattr(method_cls, "needs_clusters", False):  # MoCE: gate on the cluster stage's centroids
+        image_inputs["cluster"] = load_clusters(c["cluster_paths"], ids)
+        method_kwargs["centroids"] = torch.tensor(c["centroids"], dtype=torch.float32)
+    method = method_cls(backbone, dim, **method_kwargs)
     method.steps_per_epoch = steps_per_epoch
+    sparse = getattr(method, "sparse_parameters", False)  # e.g. MoCE experts no local image routes to
     if c["sync_bn"] and world > 1:
         method = convert_sync_bn(method, gpu=device.type == "cuda")
     if c["channels_last"]:
         method = method.to(memory_format=torch.channels_last)  # 4-D weights only; others are unaffected
     if c["compile"]:
         method.compile()  # in place: state-dict keys stay the same
-    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": False, "broadcast_buffers": False}) \
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": sparse, "broadcast_buffers": False}) \
         if world > 1 else method.to(device)
     # linear scaling by the true global batch: per-worker batch x workers on every node
     lr = scaled_lr(c["lr"], per * world)
@@ -145,7 +151,8 @@ def train_loop(config: dict) -> None:
                  f"generated variations; one view of a pair comes from one with probability {c['prob_generated']}")
     feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
                         channels_last=c["channels_last"], masks=masks, variations=variations,
-                        variation_masks=variation_masks, prob_generated=c["prob_generated"], collate=method.collate)
+                        variation_masks=variation_masks, prob_generated=c["prob_generated"], collate=method.collate,
+                        image_inputs=image_inputs)
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         (views, extra), wait = feeder.next()
@@ -182,7 +189,8 @@ def train_loop(config: dict) -> None:
                 checkpoint = None
                 if rank == 0:
                     torch.save({"model": method.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                "history": history, "encoder": method.encoder().state_dict()},
+                                "history": history, "encoder": method.encoder().state_dict(),
+                                "needs_clusters": bool(image_inputs)},
                                os.path.join(d, STATE))
                     if c.get("latest_file"):
                         tmp = c["latest_file"] + ".tmp"
@@ -216,6 +224,11 @@ def run(ctx) -> dict:
     c = to_dict(cfg)
     c.update(paths=ctx.storage.table_paths("curate"), views_paths=ctx.storage.table_paths("views"),
              tracking_uri=ctx.tracker.uri, run_id=ctx.run_id, prob_generated=_prob_generated(ctx.storage))
+    from tasks.pretrain.methods import get_method
+
+    if getattr(get_method(cfg.method), "needs_clusters", False):
+        cent = ctx.storage.read_table("cluster", "centroids").sort_by("cluster")
+        c.update(cluster_paths=ctx.storage.table_paths("cluster"), centroids=cent["centroid"].to_pylist())
     name = f"pretrain-{ctx.cache_key[:16]}"
     work = ctx.work_uri
     if ctx.storage.is_local:
@@ -239,6 +252,10 @@ def run(ctx) -> dict:
     buf = io.BytesIO()
     torch.save(state["encoder"], buf)
     ctx.writer.write_file("encoder.pt", buf.getvalue())
+    if state.get("needs_clusters"):  # the whole MoCE (gates, every expert): the evaluate stage's expert search
+        buf = io.BytesIO()
+        torch.save(state["model"], buf)
+        ctx.writer.write_file("method.pt", buf.getvalue())
     hist = state["history"]
     keys = sorted({k for h in hist for k in h})
     ctx.writer.write_table("history", pa.table({k: [h.get(k) for h in hist] for k in keys}), sort_by="step")
@@ -254,8 +271,11 @@ def run(ctx) -> dict:
         knn = [h["knn_monitor"] for h in hist if "knn_monitor" in h]
         if knn:
             metrics["knn_monitor_final"] = knn[-1]
-    return {"metrics": metrics, "encoder": {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem,
-                                            "backbone_kwargs": cfg.backbone_kwargs, "file": "encoder.pt"}}
+    encoder = {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem, "backbone_kwargs": cfg.backbone_kwargs,
+               "file": "encoder.pt"}
+    if state.get("needs_clusters"):
+        encoder.update(method=cfg.method, method_kwargs=cfg.method_kwargs, method_file="method.pt")
+    return {"metrics": metrics, "encoder": encoder}
 
 
 def _log_model_and_curve(ctx, state, hist) -> None:

@@ -69,6 +69,22 @@ def load_variations(paths: list[str], ids: list[str], resolution: int, with_mask
     return views, masks
 
 
+def load_clusters(paths: list[str], ids: list[str]):
+    """The cluster stage's assignment of each image, aligned with ``ids``: int64 ``[N]``."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    by_id = {}
+    for p in paths:
+        t = pq.read_table(p, columns=["id", "cluster"])
+        by_id.update(zip(t["id"].to_pylist(), t["cluster"].to_pylist()))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} curated images have no cluster assignment (e.g. {missing[0]}): "
+                         f"rerun the cluster stage")
+    return np.array([by_id[i] for i in ids], dtype=np.int64)
+
+
 def _png_to_float(data: bytes, resolution: int):
     import numpy as np
     from PIL import Image
@@ -82,7 +98,7 @@ class ViewFeeder:
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
                  augments: list, channels_last: bool = False, masks=None, variations=None, variation_masks=None,
-                 prob_generated: float = 0.0, collate=None):
+                 prob_generated: float = 0.0, collate=None, image_inputs: dict | None = None):
         import numpy as np
 
         from tasks.data.transforms import MultiView
@@ -100,6 +116,7 @@ class ViewFeeder:
         self.variations, self.variation_masks, self.prob_generated = variations, variation_masks, prob_generated
         # the method's per-step inputs (token masks) for the global batch; each rank keeps its images' rows
         self.collate = collate
+        self.image_inputs = image_inputs or {}  # per-image arrays [N, ...] handed to the method (MoCE: cluster ids)
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.t = threading.Thread(target=self._work, args=(start_step, max_steps), daemon=True)
         self.t.start()
@@ -142,6 +159,8 @@ class ViewFeeder:
             if self.collate is not None:
                 made = self.collate(self.per * self.world, step, self.seed)
                 extra["inputs"] = {k: v[self.rank * self.per:(self.rank + 1) * self.per] for k, v in made.items()}
+            for k, v in self.image_inputs.items():
+                extra.setdefault("inputs", {})[k] = self.torch.from_numpy(v[idx])
             if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
                 views = [v.contiguous(memory_format=self.torch.channels_last) for v in views]
             self.q.put((views, extra))
