@@ -93,7 +93,9 @@ def _with_data_bn_stats(backbone, images: np.ndarray, batches: int = 8) -> torch
     return enc.eval()
 
 
-def _train(step, augments, images, budget_s: float, seed: int = 0) -> int:
+def _train(step, augments, images, budget_s: float, seed: int = 0, before=None) -> int:
+    """Steps until ``budget_s`` of step time; ``before(idx, step)``, if given, runs untimed before each step
+    (the data side's per-step inputs, e.g. token masks)."""
     from tasks.data.transforms import MultiView
 
     mv = MultiView(augments, seed=seed)
@@ -102,6 +104,8 @@ def _train(step, augments, images, budget_s: float, seed: int = 0) -> int:
     while spent < budget_s:
         idx = rng.choice(len(images), BATCH, replace=False)
         views = mv([images[i] for i in idx])
+        if before is not None:
+            before(idx, steps)
         t0 = time.perf_counter()
         step(views)
         if steps:  # the first step builds oneDNN's kernels for every shape (seconds): not counted, on both sides
