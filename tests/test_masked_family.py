@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -418,3 +420,28 @@ def test_expert_search_on_a_one_cluster_set_picks_that_cluster_s_experts_and_exp
         for i in m.moe_layers:
             m.backbone.blocks[i].mlp.route = None
         torch.testing.assert_close(plain.forward_features(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cluster_embedder_loads_a_pretrained_vit_encoder(tmp_path):
+    """The cluster stage's MoCE round 2: its Embedder loads the encoder.pt a pretrain stage exported (a plain
+    timm ViT state dict) and embeds with exactly that encoder."""
+    import io
+
+    from PIL import Image
+
+    from tasks.curation.embed import Embedder
+    from tasks.data.images import batch_to_array
+    from tasks.models.backbone import extract_features
+
+    kw = dict(class_token=False, global_pool="avg", fc_norm=False)
+    mae = get_method("mae")(tiny_vit(seed=3, **kw)[0], 32, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    torch.save(mae.encoder().state_dict(), tmp_path / "encoder.pt")
+    imgs = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype("uint8")).save(buf, "PNG")
+        imgs.append(buf.getvalue())
+    emb = Embedder("vit_tiny_patch16_224", checkpoint=str(tmp_path / "encoder.pt"), resolution=32,
+                   **{**VIT_KW, **kw})({"id": np.array(["a", "b", "c"]), "image": imgs})["embedding"]
+    want = extract_features(mae.encoder(), torch.from_numpy(batch_to_array(imgs, 32)))
+    torch.testing.assert_close(torch.from_numpy(np.stack(emb)), want)
