@@ -44,12 +44,15 @@ class ClusterMoE(nn.Module):
         if self.route is None:
             raise RuntimeError("ClusterMoE called without a route (the method sets it per batch)")
         index, weight = self.route
-        out = torch.zeros_like(h)
+        out = None
         for j in range(index.shape[1]):
-            for e, expert in enumerate(self.experts):
-                sel = torch.nonzero(index[:, j] == e).flatten()
-                if len(sel):
-                    out = out.index_add(0, sel, expert(h[sel]) * weight[sel, j, None, None].to(h.dtype))
+            # images sorted by expert, one contiguous chunk per expert, then back to batch order
+            order = torch.argsort(index[:, j], stable=True)
+            counts = torch.bincount(index[:, j], minlength=len(self.experts)).tolist()
+            chunks = h[order].split(counts)
+            y = torch.cat([e(c) for e, c, n in zip(self.experts, chunks, counts) if n])
+            y = (y * weight[order, j, None, None].to(y.dtype))[torch.argsort(order)]
+            out = y if out is None else out + y
         return out
 
 
