@@ -20,10 +20,11 @@ REGISTRY: dict[str, str] = {
     "densecl": "bench.methods:densecl",  # densecl.step_over_backbone, densecl.step_over_mocov2, ...
     "masked": "bench.masked:run",  # ijepa, mixedae, moce below (each .step_over_mae), in one run
     "ijepa": "bench.masked:ijepa",  # ijepa.step_over_mae
-    "mixedae": "bench.masked:mixedae",  # mixedae.step_over_mae (once tasks/pretrain/methods/mixedae.py exists)
-    "moce": "bench.masked:moce",  # moce.step_over_mae (top-1 routing; once moce.py exists)
-    "knn": "bench.knn:run",
-    "genview": "bench.genview:run",  # masks.stage_over_loop, views.stage_over_loop (Ray Data vs a plain loop)  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
+    "mixedae": "bench.masked:mixedae",  # mixedae.step_over_mae
+    "moce": "bench.masked:moce",  # moce.step_over_mae (top-1 routing)
+    "knn": "bench.knn:run",  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
+    "knn_masked": "bench.knn_masked:run",  # knn_masked.<method>.ours (MAE family vs random-init ViT, equal budgets)
+    "genview": "bench.genview:run",  # masks.stage_over_loop, views.stage_over_loop (Ray Data vs a plain loop)
 }
 
 

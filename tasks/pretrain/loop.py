@@ -42,6 +42,19 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     return None
 
 
+def cpu_attention():
+    """Scaled-dot-product attention on its plain math kernel, for training steps on a CPU.
+
+    The fused (flash) CPU kernel's backward costs about 10x its forward at ViT sizes (measured on a 2-core
+    Sapphire Rapids slice, bf16 autocast): a MAE ViT-S/16 step went 0.85 -> 0.61 s at 128 px, batch 16, and
+    4.59 -> 4.06 s at 224 px, batch 32, with the math kernel; I-JEPA 0.85 -> 0.56 and 4.71 -> 4.04 s. The
+    kernel is chosen in the forward (the backward follows the graph it recorded). GPUs keep the default.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP/FSDP-style wrappers (``.module``), else the model itself."""
     return getattr(model, "module", model)
@@ -60,8 +73,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: list[t
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     device_type = views[0].device.type if views else "cpu"
-    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    with ctx:
+    with contextlib.ExitStack() as stack:
+        if autocast_dtype is not None:
+            stack.enter_context(torch.autocast(device_type, dtype=autocast_dtype))
+        if device_type == "cpu":
+            stack.enter_context(cpu_attention())
         out = model(views, step, max_steps, **forward_kwargs)
     loss = out["loss"]
     loss.backward()
