@@ -159,7 +159,11 @@ def test_other_method_with_quality_weighting_through_ray_train(tiny_store, tmp_p
     capsys.readouterr()
     assert main(["run", *args, "--set", "pretrain.method=swav",
                  "--set", "pretrain.method_kwargs={hidden_dim: 32, num_prototypes: 8, num_local_crops: 2}",
-                 "--set", "pretrain.quality_encoder=tiny_convnet", "--set", "pretrain.quality_gamma=2.0"]) == 0
+                 "--set", "pretrain.quality_encoder=tiny_convnet", "--set", "pretrain.quality_gamma=2.0",
+                 # resnet18 with the CIFAR stem: resnet10t's stride-32 stem leaves 1 x 1 maps at C5 for a 32 px
+                 # crop, and this tiny SwAV (8 prototypes, 32-wide head, bf16) went non-finite at step 2-3 for
+                 # some batch splits
+                 "--set", "pretrain.backbone=resnet18", "--set", "pretrain.cifar_stem=true"]) == 0
     status = _status(capsys)
     assert status["pretrain"] == "ran" and status["evaluate"] == "ran" and status["views"] == "cached"
     st = Storage(str(storage))
