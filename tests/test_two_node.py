@@ -144,6 +144,7 @@ def _status(out: str) -> dict:
     return rows
 
 
+@pytest.mark.slow  # ~2.5 min with its cluster: the default suite keeps under 20 min on 2 cores (make test-slow)
 def test_job_submit_then_direct_connect(two_nodes, tmp_path):
     pipe = write_pipeline(tmp_path / "pipeline.yaml")
     storage = tmp_path / "store"  # absolute: the job runs in its own working dir
