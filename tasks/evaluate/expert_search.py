@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks.pretrain.methods.moce import pick_experts, routed_totals
+
 
 def nearest_clusters(embeddings, centroids) -> np.ndarray:
     """Index of each row's nearest centroid by cosine similarity: ``[N]`` int64."""
@@ -26,13 +28,7 @@ def search_experts(moce, embeddings) -> dict:
     array, "clusters": per-cluster image counts}``; ``moce.dense(r["experts"], r["scales"])`` is the model."""
     clusters = torch.as_tensor(nearest_clusters(embeddings, moce.centroids.cpu()))
     probs = moce.gate_probs(moce.centroids.cpu()[clusters].to(moce.centroids.device))
-    mass, count = torch.zeros(len(probs), moce.num_experts), torch.zeros(len(probs), moce.num_experts)
-    for row, p in enumerate(probs):
-        w, idx = p.cpu().topk(moce.top_k, dim=-1)
-        mass[row].index_add_(0, idx.flatten(), w.flatten())
-        count[row].index_add_(0, idx.flatten(), torch.ones(idx.numel()))
-    experts = mass.argmax(dim=1)
-    rows = torch.arange(len(experts))
-    scales = (mass[rows, experts] / count[rows, experts].clamp_min(1)).tolist()
-    return {"experts": experts.tolist(), "scales": scales, "mass": mass.numpy(),
+    mass, count = routed_totals([p.cpu() for p in probs], moce.top_k)
+    experts, scales = pick_experts(mass, count)
+    return {"experts": experts, "scales": scales, "mass": mass.numpy(),
             "clusters": np.bincount(clusters.numpy(), minlength=len(moce.centroids))}

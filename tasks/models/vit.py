@@ -167,5 +167,5 @@ def num_heads_of(vit: nn.Module) -> int:
 def capped_width(encoder_dim: int, wanted: int, heads: int) -> int:
     """``wanted`` capped at the encoder's width, rounded down to a multiple of both 4 (sin-cos) and ``heads``."""
     w = min(wanted, encoder_dim)
-    step = 4 * heads // math.gcd(4, heads)
+    step = math.lcm(4, heads)
     return max(step, w // step * step)

@@ -56,6 +56,27 @@ class ClusterMoE(nn.Module):
         return out
 
 
+def routed_totals(probs: list[torch.Tensor], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per MoE layer and expert, the summed top-k gate weight (routed mass) and the number of images routed,
+    over the images whose gate distributions ``probs`` (one ``[B, E]`` per layer) are given: ``[L, E]`` each."""
+    num_experts = probs[0].shape[1]
+    mass = torch.zeros(len(probs), num_experts, device=probs[0].device)
+    count = torch.zeros_like(mass)
+    for row, p in enumerate(probs):
+        w, idx = p.detach().float().topk(top_k, dim=-1)
+        mass[row].index_add_(0, idx.flatten(), w.flatten())
+        count[row].index_add_(0, idx.flatten(), torch.ones_like(w.flatten()))
+    return mass, count
+
+
+def pick_experts(mass: torch.Tensor, count: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Per layer the expert with the largest routed mass and its mean gate weight (1.0 where nothing was routed)."""
+    experts = mass.argmax(dim=1)
+    rows = torch.arange(len(experts))
+    scales = mass[rows, experts] / count[rows, experts].clamp_min(1)
+    return experts.tolist(), [float(x) if x > 0 else 1.0 for x in scales]
+
+
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation ``var / mean^2`` (population variance); 0 for one element."""
     if x.numel() <= 1:
@@ -115,11 +136,7 @@ class MoCE(MAE):
         balance = sum(cv_squared(all_gather_with_grad(p).sum(0)) for p in probs) / len(probs)
         confidence = sum(-(p * p.clamp_min(1e-12).log()).sum(-1).mean() for p in probs) / len(probs)
         with torch.no_grad():  # routed mass of every rank's images, so the exported choice is global
-            mass, count = torch.zeros_like(self.routed_mass), torch.zeros_like(self.routed_count)
-            for row, p in enumerate(probs):
-                w, idx = p.topk(self.top_k, dim=-1)
-                mass[row].index_add_(0, idx.flatten(), w.flatten().float())
-                count[row].index_add_(0, idx.flatten(), torch.ones_like(w.flatten()))
+            mass, count = routed_totals(probs, self.top_k)
             self.routed_mass += all_reduce_sum_nograd(mass)
             self.routed_count += all_reduce_sum_nograd(count)
         out["rec_loss"] = out["loss"].detach()
@@ -129,10 +146,7 @@ class MoCE(MAE):
 
     def encoder(self) -> nn.Module:
         """A dense ViT: per MoE layer the expert with the most routed mass so far, scaled by its mean gate weight."""
-        experts = self.routed_mass.argmax(dim=1)
-        rows = torch.arange(len(experts))
-        scales = self.routed_mass[rows, experts] / self.routed_count[rows, experts].clamp_min(1)
-        return self.dense(experts.tolist(), [float(x) if x > 0 else 1.0 for x in scales])
+        return self.dense(*pick_experts(self.routed_mass.cpu(), self.routed_count.cpu()))
 
     def dense(self, experts: list[int], scales: list[float] | None = None) -> nn.Module:
         """The backbone with MoE layer ``moe_layers[j]`` replaced by its expert ``experts[j]``: a plain timm ViT
