@@ -5,7 +5,8 @@ global_pool="avg", fc_norm=False``, as these methods need; built once, every met
 the same weights) and its paper-default head, scaled as the method scales it to the encoder:
 
 * MAE: decoder 8 blocks x 512 wide x 16 heads (the paper's), width capped at the encoder's (384 for ViT-S).
-* I-JEPA: its defaults, predictor 384 wide (capped at the encoder's), depth 6, the encoder's heads; 4 targets.
+* I-JEPA: its defaults, predictor 384 wide but at most half the encoder's width (192 for ViT-S), depth 6, the
+  encoder's heads; 4 targets. ``ijepa-wide`` (printed, no goal): the predictor as wide as the encoder.
 * MixedAE, MoCE: their defaults plus MAE's decoder. MoCE at top-1 routing over its default 8 experts in every
   other block, gated by 8 random cluster centroids; the images' cluster ids are drawn uniformly per step.
 
@@ -55,6 +56,7 @@ GOALS = {"ijepa": "<=1.10", "mixedae": "<=1.05", "moce": "<=1.15"}
 OTHERS = tuple(GOALS)
 CLUSTERS = 8
 PLAIN_MIXEDAE = "mixedae-plain"
+WIDE_IJEPA = "ijepa-wide"  # I-JEPA with a predictor as wide as a ViT-S encoder (384): printed, no goal
 
 Step = Callable[[], None]
 
@@ -88,9 +90,12 @@ def _encoder(sz: dict) -> tuple[nn.Module, int]:
 
 def _kwargs(name: str, sz: dict) -> tuple[dict, str]:
     """Constructor kwargs for ``name`` and a description of them."""
-    if name == "ijepa":
+    if name.startswith("ijepa"):
         kw = dict(sz["ijepa"])
-        return kw, "defaults" + (f" but {kw}" if kw else " (predictor 384 wide capped, depth 6, encoder's heads)")
+        if name == WIDE_IJEPA and not sz["tiny"]:
+            kw["predictor_dim"] = 384
+        return kw, "defaults" + (f" but {kw}" if kw else " (predictor min(384, encoder width / 2), depth 6, "
+                                                         "encoder's heads)")
     kw = dict(sz["decoder"])
     desc = "decoder {decoder_depth} x {decoder_dim} (capped at the encoder's) x {decoder_heads} heads".format(**kw)
     if name == PLAIN_MIXEDAE:  # the floor: mixing, segment embeddings and the HC loss, no top-K layer
@@ -198,7 +203,8 @@ def _measure(names: tuple[str, ...], quick: bool) -> None:
     steps: dict[str, Step] = {}
     ms: dict[str, float] = {}
     descs: dict[str, str] = {}
-    extra = (PLAIN_MIXEDAE,) if "mixedae" in names and _registered("mixedae") else ()
+    extra = ((PLAIN_MIXEDAE,) if "mixedae" in names and _registered("mixedae") else ()) + \
+        ((WIDE_IJEPA,) if "ijepa" in names and _registered("ijepa") else ())
     for name in ("mae",) + names + extra:
         if name != "mae" and not _registered(name.split("-")[0]):
             print(f"# skipped: {name} not registered (no tasks/pretrain/methods/{name}.py)")
@@ -255,6 +261,9 @@ def _measure(names: tuple[str, ...], quick: bool) -> None:
     if PLAIN_MIXEDAE in steps:
         print(f"# {PLAIN_MIXEDAE} (no top-K layer) over MAE: {median_ratio(times, PLAIN_MIXEDAE, 'mae'):.3f} -- the "
               "mixed encoder attends over all N tokens of B/G sequences instead of N/4 of B: 4x the attention work")
+    if WIDE_IJEPA in steps:
+        print(f"# {WIDE_IJEPA} (predictor as wide as the encoder) over MAE: "
+              f"{median_ratio(times, WIDE_IJEPA, 'mae'):.3f}")
     for name in timed:
         if name in GOALS:
             report(f"{name}.step_over_mae", median_ratio(times, name, "mae"), GOALS[name])

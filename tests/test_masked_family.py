@@ -275,6 +275,40 @@ def test_ijepa_loss_by_hand_and_ema_is_linear():
     assert not any(p.requires_grad for p in m.target_encoder.parameters())
 
 
+def test_ijepa_predictor_is_narrow_by_default():
+    """Default width min(384, encoder / 2): 192 for a ViT-S width, 384 for ViT-B's; an explicit width is
+    only capped at the encoder's."""
+    for d, heads, want in ((384, 6, 192), (768, 12, 384), (32, 2, 16)):
+        vit, _ = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=d, depth=1,
+                                num_heads=heads, class_token=False, global_pool="avg", fc_norm=False)
+        m = get_method("ijepa")(vit, d, predictor_depth=1)
+        assert m.predictor.embed.out_features == want, d
+    vit, d = tiny_vit(class_token=False, global_pool="avg", fc_norm=False)
+    assert get_method("ijepa")(vit, d, predictor_dim=512, predictor_depth=1).predictor.embed.out_features == 32
+
+
+def test_cpu_attention_is_timm_attention_with_the_fused_switch_off_for_the_forward_only():
+    from tasks.pretrain.loop import cpu_attention
+
+    vit, _ = tiny_vit()
+    attns = [b.attn for b in vit.blocks]
+    x = torch.randn(2, 3, 32, 32)
+    ref = vit.forward_features(x)
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in vit.parameters()]
+    vit.zero_grad()
+    seen = []
+    hook = attns[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.fused_attn))
+    with cpu_attention(vit):
+        out = vit.forward_features(x)
+    hook.remove()
+    assert seen == [False] and all(a.fused_attn for a in attns)  # off in the forward, restored after
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for p, g in zip(vit.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+
 def test_a_vit_that_pools_before_its_norm_is_a_clear_error():
     vit, d = tiny_vit(class_token=False, global_pool="avg")  # timm then norms after pooling (fc_norm)
     with pytest.raises(ValueError, match="fc_norm: false"):

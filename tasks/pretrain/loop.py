@@ -42,17 +42,30 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     return None
 
 
-def cpu_attention():
-    """Scaled-dot-product attention on its plain math kernel, for training steps on a CPU.
+@contextlib.contextmanager
+def cpu_attention(model: nn.Module):
+    """Attention for a training step on a CPU: timm's explicit ``softmax(q k^T) v`` instead of
+    scaled-dot-product attention (each timm ``Attention`` has a ``fused_attn`` switch; it is turned off for
+    the forward and restored after -- the backward follows the graph the forward recorded), and SDPA's math
+    kernel for any other module that calls SDPA itself.
 
-    The fused (flash) CPU kernel's backward costs about 10x its forward at ViT sizes (measured on a 2-core
-    Sapphire Rapids slice, bf16 autocast): a MAE ViT-S/16 step went 0.85 -> 0.61 s at 128 px, batch 16, and
-    4.59 -> 4.06 s at 224 px, batch 32, with the math kernel; I-JEPA 0.85 -> 0.56 and 4.71 -> 4.04 s. The
-    kernel is chosen in the forward (the backward follows the graph it recorded). GPUs keep the default.
+    Measured on a 2-core Sapphire Rapids slice under bf16 autocast, fwd+bwd of one attention
+    ``[8, 6, 196, 64]``: fused (flash) kernel 21.7 ms, math kernel 20.8 ms (it computes in fp32), explicit
+    8.5 ms (bf16 matmuls on AMX); ``[32, 6, 49, 64]``: 29.6 / 9.9 / 5.8 ms. The fused CPU kernel's backward
+    is the slow part (about 10x its forward). GPUs keep the default. Inference (kNN, embedding) keeps the
+    fused kernel, whose forward is fast.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH])
+    switched = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in switched:
+        m.fused_attn = False
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        for m in switched:
+            m.fused_attn = True
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,7 +90,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, views: list[t
         if autocast_dtype is not None:
             stack.enter_context(torch.autocast(device_type, dtype=autocast_dtype))
         if device_type == "cpu":
-            stack.enter_context(cpu_attention())
+            stack.enter_context(cpu_attention(model))
         out = model(views, step, max_steps, **forward_kwargs)
     loss = out["loss"]
     loss.backward()

@@ -7,8 +7,11 @@ its outputs layer-normalised over the feature dimension without affine parameter
 0.996 to 1 over the run. One predictor pass per target block (the batch repeated 4 times).
 
 Choices: the loss is the released code's smooth-L1 (beta 1) averaged over elements (``loss="l2"`` gives the
-paper's squared L2 averaged over elements instead). Predictor width 384 (the released configs), capped at
-the encoder's width, and depth 6 (the code default; the ViT-H configs use 12). Image i's own term is the mean
+paper's squared L2 averaged over elements instead). Predictor width: by default 384 (the released configs)
+but at most half the encoder's width -- "narrow": the released 384 is 0.3x ViT-H's width and 0.5x ViT-B's, so
+ViT-S gets 192 (at 384, as wide as the encoder, a ViT-S I-JEPA step costs 1.31x MAE's on the bench; at 192
+about the paper's 1.07); an explicit ``predictor_dim`` is only capped at the encoder's width. Depth 6 (the
+code default; the ViT-H configs use 12). Image i's own term is the mean
 over its 4 targets; all images have the same mask sizes, so the batch loss is the mean of those terms.
 A timm ViT with a class token is allowed (the token is encoded with the context, nothing is predicted for
 it); for evaluation I-JEPA pools patch tokens, so ``backbone_kwargs: {class_token: false, global_pool: avg}``
@@ -30,7 +33,7 @@ from tasks.pretrain.schedules import linear_schedule
 
 
 class IJEPA(Method):
-    def __init__(self, backbone: nn.Module, feat_dim: int, *, predictor_dim: int = 384, predictor_depth: int = 6,
+    def __init__(self, backbone: nn.Module, feat_dim: int, *, predictor_dim: int | None = None, predictor_depth: int = 6,
                  predictor_heads: int | None = None, momentum: float = 0.996, loss: str = "smooth_l1",
                  num_targets: int = 4, pred_scale: tuple = (0.15, 0.2), enc_scale: tuple = (0.85, 1.0),
                  aspect: tuple = (0.75, 1.5), min_keep: int = 10):
@@ -43,7 +46,8 @@ class IJEPA(Method):
                                      aspect=tuple(aspect), num_targets=int(num_targets), min_keep=int(min_keep))
         heads = predictor_heads or num_heads_of(backbone)  # the encoder's head count, as in the code
         d = backbone.embed_dim
-        self.predictor = TokenPredictor(d, self.masks.grid, capped_width(d, predictor_dim, heads), predictor_depth,
+        width = min(384, d // 2) if predictor_dim is None else predictor_dim
+        self.predictor = TokenPredictor(d, self.masks.grid, capped_width(d, width, heads), predictor_depth,
                                         heads, d)
         self.target_encoder = copy_and_freeze(backbone)
 
