@@ -1,0 +1,64 @@
+"""Frozen dense (per-patch) features for the segmentation evaluations (METHODS.md 8.3 and 8.4).
+
+ViT: the output of timm's ``forward_features`` -- the last block's tokens after the final norm -- minus the
+``num_prefix_tokens`` class and register tokens, reshaped from raster order to the patch grid. (A ViT built
+with ``global_pool="avg"`` and ``fc_norm`` has ``norm = Identity``; its patch tokens are then un-normalised.)
+CNN (timm ResNet, :class:`~tasks.models.backbone.TinyConvNet`): the ``forward_features`` map.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.models.backbone import normalize
+from tasks.models.vit import is_vit, patch_size
+
+
+def _patch_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.forward_features(x)
+    if out.ndim == 4:
+        return out
+    if out.ndim != 3 or not is_vit(model):
+        raise ValueError(f"{type(model).__name__}.forward_features gave shape {tuple(out.shape)}; expected a "
+                         f"[B, D, h, w] map or a timm ViT's [B, tokens, D]")
+    p = patch_size(model)
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    tokens = out[:, model.num_prefix_tokens:]
+    if tokens.shape[1] != h * w:
+        raise ValueError(f"{tokens.shape[1]} patch tokens do not fill the {h}x{w} grid of a "
+                         f"{x.shape[-2]}x{x.shape[-1]} input with {p} px patches")
+    return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+
+
+@torch.no_grad()
+def dense_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 32,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Frozen features ``[N, D, h, w]`` (float32, on CPU), computed in eval mode in batches.
+
+    uint8 images (``NxHxWx3`` or ``Nx3xHxW``, tensor or array) are normalised with the ImageNet statistics of
+    :func:`~tasks.models.backbone.normalize`; float images (either layout) are taken as already normalised.
+    A ViT must be given its ``img_size`` unless it was built with ``dynamic_img_size``. The train/eval mode
+    is restored.
+    Memory: ``N * D * h * w * 4`` bytes (367 images, ViT-S/16 at 448 px: 0.44 GB).
+    """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # e.g. a view of an Arrow buffer; torch wants writable memory
+    images = torch.as_tensor(images)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size].to(device, non_blocking=True)
+            if chunk.dtype == torch.uint8:
+                chunk = normalize(chunk)
+            else:
+                chunk = (chunk.permute(0, 3, 1, 2) if chunk.shape[1] != 3 and chunk.shape[-1] == 3 else chunk).float()
+            out.append(_patch_map(encoder, chunk).float().cpu())
+        if not out:
+            raise ValueError("dense_features got no images")
+        return torch.cat(out)
+    finally:
+        encoder.train(was_training)
