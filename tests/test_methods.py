@@ -30,12 +30,16 @@ TINY_KWARGS = {
     "moce": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "num_experts": 4,
              "centroids": torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), "balance_weight": 1.0,
              "confidence_weight": 1.0},
+    "neco": {"out_dim": 16, "hidden_dim": 32, "queue_size": 32, "num_references": 8},
 }
 SIZE = 16
 # The masked / predictive family needs a ViT: a tiny one (4 x 4 patch grid). It has no batch statistics,
 # so it is as exact across ranks as the normalisation-free tiny_convnet the others use.
 TINY_VIT = ("vit_tiny_patch16_224", {"img_size": SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
-BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT, "mixedae": TINY_VIT, "moce": TINY_VIT}
+# NeCo: a tiny DINOv2-with-registers ViT that takes its 16 px global and 8 px local crops
+TINY_DINOV2 = ("vit_small_patch14_reg4_dinov2", {"img_size": SIZE, "patch_size": 4, "embed_dim": 32, "depth": 2,
+                                                 "num_heads": 2, "dynamic_img_size": True})
+BACKBONES = {"mae": TINY_VIT, "ijepa": TINY_VIT, "mixedae": TINY_VIT, "moce": TINY_VIT, "neco": TINY_DINOV2}
 
 
 def build(name: str, seed: int = 0):
@@ -54,6 +58,12 @@ def global_inputs(method, batch: int, step: int) -> dict[str, torch.Tensor]:
     """What the data side adds for the global batch (token masks; MoCE: each image's cluster id), as the
     trainer's feeder does."""
     inputs = method.collate(batch, step, seed=0)
+    if getattr(method, "needs_geometry", False):  # NeCo: each view's crop box in a 40 x 48 source image
+        from tasks.data.transforms import Overlap
+
+        g = torch.Generator().manual_seed(1000 + step)
+        overlap, augs = getattr(method, "view_overlap", None) or Overlap(), method.view_augments(SIZE)
+        inputs["boxes"] = torch.tensor([[[*b, 0.0] for b in overlap.boxes(augs, 40, 48, g)] for _ in range(batch)])
     if getattr(method, "needs_clusters", False):
         g = torch.Generator().manual_seed(step)
         inputs["cluster"] = torch.randint(0, len(method.centroids), (batch,), generator=g)

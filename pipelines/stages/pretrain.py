@@ -152,7 +152,8 @@ def train_loop(config: dict) -> None:
     feeder = ViewFeeder(images, per, rank, world, c["seed"], start, max_steps, augments,
                         channels_last=c["channels_last"], masks=masks, variations=variations,
                         variation_masks=variation_masks, prob_generated=c["prob_generated"], collate=method.collate,
-                        image_inputs=image_inputs)
+                        image_inputs=image_inputs, overlap=getattr(method, "view_overlap", None),
+                        geometry=getattr(method, "needs_geometry", False))
     t_start = time.perf_counter()
     for step in range(start, max_steps):
         (views, extra), wait = feeder.next()

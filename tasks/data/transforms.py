@@ -95,11 +95,14 @@ class Augment:
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(img, generator)[0]
 
-    def apply(self, img, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Geometry]:
-        """The view and its :class:`Geometry`. The random draws are the same as ``__call__``'s."""
+    def apply(self, img, generator: torch.Generator | None = None,
+              box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, Geometry]:
+        """The view and its :class:`Geometry`. The random draws are the same as ``__call__``'s; ``box``
+        (top, left, height, width) is a crop drawn by the caller (then no crop is drawn here)."""
         g = generator
         x = _to_chw(img)
-        top, left, h, w = random_resized_crop_params(x.shape[1], x.shape[2], self.scale, self.ratio, g)
+        top, left, h, w = box if box is not None else random_resized_crop_params(x.shape[1], x.shape[2], self.scale,
+                                                                                  self.ratio, g)
         x = TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
         x = x.float().div_(255.0)
         if float(torch.rand((), generator=g)) < self.p_jitter:
@@ -145,31 +148,87 @@ def normalize_batch(views: list[torch.Tensor]) -> torch.Tensor:
     return out.sub_(mean).div_(std)
 
 
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """Intersection area in pixels of two (top, left, height, width) boxes."""
+    h = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    w = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(h, 0) * max(w, 0)
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Crops that must overlap (NeCo, METHODS.md 2.3): each view's crop is re-drawn until its intersection
+    with every earlier one of the first ``num_global`` views covers more than ``min_global`` (between two
+    of those) or ``min_other`` (a later view against them) of the image area. After ``tries`` draws the
+    crop is the first view's (which overlaps them all), so the constraint always holds."""
+
+    num_global: int = 2
+    min_global: float = 0.02
+    min_other: float = 0.01
+    tries: int = 50
+
+    def boxes(self, augments: list, h: int, w: int, g: torch.Generator | None) -> list[tuple[int, int, int, int]]:
+        out: list[tuple[int, int, int, int]] = []
+        for v, aug in enumerate(augments):
+            need = (self.min_global if v < self.num_global else self.min_other) * h * w
+            anchors = out[:min(v, self.num_global)]
+            for _ in range(self.tries):
+                box = random_resized_crop_params(h, w, aug.scale, aug.ratio, g)
+                if all(_overlap(box, a) > need for a in anchors):
+                    break
+            else:
+                box = out[0]
+            out.append(box)
+        return out
+
+
 class MultiView:
     """One view per :class:`Augment` for every image: ``images -> [view_i [B, 3, S_i, S_i] for each aug]``.
 
     ``seed`` makes the whole sequence of calls reproducible (one generator owned by this object).
     ``with_geometry=True`` also returns, per view, the list of each image's :class:`Geometry`.
     ``per_view=True``: ``images`` is one list per view (e.g. GenView's pairing puts a generated variation in
-    one slot), instead of one list shared by every view.
+    one slot), instead of one list shared by every view. ``overlap`` (an :class:`Overlap`) draws each
+    image's crops jointly so that they overlap.
     """
 
-    def __init__(self, augments: list[Augment], seed: int | None = None):
+    def __init__(self, augments: list[Augment], seed: int | None = None, overlap: Overlap | None = None):
         if not augments:
             raise ValueError("MultiView needs at least one Augment")
         self.augments = list(augments)
         self.num_views = len(self.augments)
+        self.overlap = overlap
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def __call__(self, images, with_geometry: bool = False, per_view: bool = False):
         if per_view and len(images) != self.num_views:
             raise ValueError(f"per_view: expected {self.num_views} image lists, got {len(images)}")
+        if self.overlap is not None:
+            if per_view:
+                images = images[0]
+            return self._overlapping(images, with_geometry)
         views, geoms = [], []
         for v, aug in enumerate(self.augments):
             pairs = [aug.apply(im, self.generator) for im in (images[v] if per_view else images)]
             views.append(normalize_batch([p[0] for p in pairs]))
             geoms.append([p[1] for p in pairs])
         return (views, geoms) if with_geometry else views
+
+    def _overlapping(self, images, with_geometry: bool):
+        per_image = []
+        for im in images:
+            x = _to_chw(im)
+            boxes = self.overlap.boxes(self.augments, x.shape[1], x.shape[2], self.generator)
+            per_image.append([aug.apply(im, self.generator, box) for aug, box in zip(self.augments, boxes)])
+        views = [normalize_batch([p[v][0] for p in per_image]) for v in range(self.num_views)]
+        geoms = [[p[v][1] for p in per_image] for v in range(self.num_views)]
+        return (views, geoms) if with_geometry else views
+
+
+def geometry_tensor(geoms: list[list[Geometry]]) -> torch.Tensor:
+    """Per image and view ``(top, left, height, width, flipped)`` in source pixels: ``[B, V, 5]`` float."""
+    return torch.tensor([[[g.top, g.left, g.height, g.width, float(g.flipped)] for g in col] for col in zip(*geoms)],
+                        dtype=torch.float32)
 
 
 class TwoViews(MultiView):
@@ -194,6 +253,15 @@ def with_overrides(augments: list[Augment], overrides: dict) -> list[Augment]:
 
 
 # ---- presets: one per recipe in METHODS.md; methods pick theirs in ``Method.view_augments``.
+
+def neco_views(size: int, local_size: int, num_local: int = 4) -> list[Augment]:
+    """NeCo (METHODS.md 2.3): 2 global crops scale (0.25, 1) and ``num_local`` local ones (0.05, 0.25);
+    colour jitter (0.8, 0.8, 0.8, 0.2) p 0.8, greyscale p 0.2, blur p 0.5; no flip (the crops' overlap is
+    aligned by position). Drawn jointly with :class:`Overlap`."""
+    common = dict(jitter=(0.8, 0.8, 0.8, 0.2), p_jitter=0.8, p_grey=0.2, p_blur=0.5, p_flip=0.0)
+    return [Augment(size=size, scale=(0.25, 1.0), **common)] * 2 + \
+        [Augment(size=local_size, scale=(0.05, 0.25), **common)] * num_local
+
 
 def mocov2_views(size: int) -> list[Augment]:
     """MoCo v2 aug+ twice (METHODS.md 7.1)."""

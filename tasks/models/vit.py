@@ -20,7 +20,9 @@ def is_vit(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "blocks", "_pos_embed", "num_prefix_tokens"))
 
 
-def require_vit(model: nn.Module, method: str) -> None:
+def require_vit(model: nn.Module, method: str, dynamic_size: bool = False) -> None:
+    """A timm ViT whose patch tokens train; ``dynamic_size``: the method feeds crops of several sizes (the
+    ViT must then be built with ``dynamic_img_size``), else one size and a fixed grid."""
     if not is_vit(model):
         raise ValueError(f"{method} needs a ViT backbone (a timm VisionTransformer, e.g. vit_small_patch16_224); "
                          f"got {type(model).__name__}")
@@ -29,7 +31,7 @@ def require_vit(model: nn.Module, method: str) -> None:
         raise ValueError(f"{method} trains the ViT's patch tokens, but this ViT normalises/pools after pooling "
                          f"({', '.join(pooled)}: those weights would get no gradient); build it with "
                          f"backbone_kwargs fc_norm: false and global_pool: avg or token")
-    if getattr(model, "dynamic_img_size", False):
+    if getattr(model, "dynamic_img_size", False) and not dynamic_size:
         raise ValueError(f"{method}: dynamic_img_size ViTs are not supported; set img_size to the pretrain resolution")
 
 

@@ -98,18 +98,22 @@ class ViewFeeder:
 
     def __init__(self, images, per_worker: int, rank: int, world: int, seed: int, start_step: int, max_steps: int,
                  augments: list, channels_last: bool = False, masks=None, variations=None, variation_masks=None,
-                 prob_generated: float = 0.0, collate=None, image_inputs: dict | None = None):
+                 prob_generated: float = 0.0, collate=None, image_inputs: dict | None = None, overlap=None,
+                 geometry: bool = False):
         import numpy as np
 
-        from tasks.data.transforms import MultiView
+        from tasks.data.transforms import MultiView, geometry_tensor
         from tasks.pretrain.quality import crop_masks
 
         import torch
 
-        self.np, self.torch, self.crop_masks = np, torch, crop_masks
+        self.np, self.torch, self.crop_masks, self.geometry_tensor = np, torch, crop_masks, geometry_tensor
         self.images, self.per, self.rank, self.world, self.seed = images, per_worker, rank, world, seed
         self.steps_per_epoch = max(1, len(images) // (per_worker * world))
-        self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step)
+        # overlap: crops drawn jointly so that they overlap (NeCo); geometry: each view's crop box goes to the
+        # method as inputs["boxes"] [B, V, 5]
+        self.views = MultiView(augments, seed=seed * 1000 + rank + 7919 * start_step, overlap=overlap)
+        self.geometry = geometry
         self.channels_last = channels_last
         self.masks = masks  # [N, R, R] float foreground masks in the images' frame, or None
         # GenView: per image its generated variations [V, R, R, 3] (and their masks), or None
@@ -151,14 +155,18 @@ class ViewFeeder:
             idx = self.indices(step)
             extra = {}
             sources, masks = self._sources(idx, step)
-            if self.masks is None:
+            if self.masks is None and not self.geometry:
                 views = self.views(sources, per_view=True)
-            else:  # masks follow the first two views' crops and flips
+            else:
                 views, geoms = self.views(sources, with_geometry=True, per_view=True)
-                extra["masks"] = [self.crop_masks(masks[v], geoms[v], self.views.augments[v].size) for v in (0, 1)]
+                if self.masks is not None:  # masks follow the first two views' crops and flips
+                    extra["masks"] = [self.crop_masks(masks[v], geoms[v], self.views.augments[v].size) for v in (0, 1)]
+                if self.geometry:
+                    extra.setdefault("inputs", {})["boxes"] = self.geometry_tensor(geoms)
             if self.collate is not None:
                 made = self.collate(self.per * self.world, step, self.seed)
-                extra["inputs"] = {k: v[self.rank * self.per:(self.rank + 1) * self.per] for k, v in made.items()}
+                extra.setdefault("inputs", {}).update(
+                    {k: v[self.rank * self.per:(self.rank + 1) * self.per] for k, v in made.items()})
             for k, v in self.image_inputs.items():
                 extra.setdefault("inputs", {})[k] = self.torch.from_numpy(v[idx])
             if self.channels_last:  # the NHWC copy happens here, off the training step's critical path
