@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
                 upstream[up] = man
             section = raw[name]
             code = dag.code_version(name)
-            key = cache_key(section, {u: m["content_hash"] for u, m in upstream.items()}, code)
+            files = external_files(name, section)
+            key = cache_key(section, {**{u: m["content_hash"] for u, m in upstream.items()},
+                                      **{f"file:{k}": v["sha256"] for k, v in files.items()}}, code)
             existing = storage.manifest(name)
             t0 = time.time()
             if existing and existing.get("cache_key") == key and name not in force:
@@ -74,7 +77,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
                                               "sslforge.produced_by": existing.get("mlflow_run_id", ""),
                                               "sslforge.cache_key": key}) as run_id:
                     tracker.log_params(section)
-                    _log_inputs(tracker, storage, name, upstream)
+                    _log_inputs(tracker, storage, name, upstream, files)
                     tracker.log_input(f"{name}-output", storage.uri_of(name), existing["content_hash"],
                                       existing["rows"], "output")
                     tracker.log_dict(existing, "manifest.json")
@@ -87,7 +90,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
                 ensure_ray()
             with tracker.stage_run(name, {"sslforge.cached": "false", "sslforge.cache_key": key}) as run_id:
                 tracker.log_params(section)
-                _log_inputs(tracker, storage, name, upstream)
+                _log_inputs(tracker, storage, name, upstream, files)
                 writer = storage.writer(name)
                 with writer:
                     ctx = StageContext(name, getattr(cfg, name), cfg, storage, upstream, writer, tracker, run_id, key,
@@ -97,6 +100,7 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
                     manifest = writer.commit({
                         "cache_key": key,
                         "upstream": {u: m["content_hash"] for u, m in upstream.items()},
+                        "files": files,
                         "config": section,
                         "code_version": code,
                         "mlflow_run_id": run_id,
@@ -114,7 +118,36 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
     return parent_id, reports
 
 
-def _log_inputs(tracker: Tracker, storage: Storage, name: str, upstream: dict[str, dict]) -> None:
+def external_files(stage: str, section: dict) -> dict[str, dict]:
+    """The files a stage reads from outside the pipeline: every non-empty ``*checkpoint`` option (start
+    weights of a post-training, frozen encoders). Their SHA-256 goes into the stage's cache key (a file
+    changed in place reruns the stage), its manifest and its MLflow inputs (lineage).
+
+    Raises :class:`StageInputError` naming the option for a missing file."""
+    import hashlib
+
+    out = {}
+    for key, path in section.items():
+        if not (key.endswith("checkpoint") and isinstance(path, str) and path):
+            continue
+        if "://" in path:  # a remote URI: recorded as given (not fetched here)
+            out[key] = {"path": path, "sha256": "remote:" + path}
+            continue
+        if not os.path.isfile(path):
+            raise StageInputError(f"{stage}.{key}: no such file {path!r}")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[key] = {"path": os.path.abspath(path), "sha256": h.hexdigest()}
+    return out
+
+
+def _log_inputs(tracker: Tracker, storage: Storage, name: str, upstream: dict[str, dict],
+                files: dict[str, dict] | None = None) -> None:
+    for key, f in (files or {}).items():
+        tracker.log_input(f"{name}.{key}", f["path"], f["sha256"], 0, name)
+        tracker.set_tags({f"sslforge.file.{key}.sha256": f["sha256"]})
     for up, man in upstream.items():
         tracker.log_input(f"{up}-output", storage.uri_of(up), man["content_hash"], man["rows"], name)
         tracker.set_tags({f"sslforge.upstream.{up}.run_id": man.get("mlflow_run_id", ""),

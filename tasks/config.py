@@ -80,6 +80,9 @@ class PretrainConfig:
     method: str = "mocov2"
     backbone: str = "resnet18"
     backbone_kwargs: dict = field(default_factory=dict)
+    # start weights (a local state dict: DINOv2's for NeCo's post-training, or an earlier encoder.pt); empty:
+    # random init (or timm's hub weights with backbone_kwargs pretrained: true). Its SHA-256 is in lineage.
+    init_checkpoint: str = ""
     cifar_stem: bool = True  # 3x3 stride-1 stem without max-pool, for small images
     resolution: int = 64
     num_workers: int = 2

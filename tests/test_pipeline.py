@@ -248,3 +248,61 @@ def test_moce_clusters_pretrains_and_searches_experts(tiny_store, tmp_path, caps
     ev = client.get_run(st.manifest("evaluate")["mlflow_run_id"])
     assert ev.data.tags["sslforge.expert_search_model_uri"]  # the dense ViT, logged as an MLflow model
     assert "knn_top1_expert_search" in ev.data.metrics
+
+
+def test_external_files_are_hashed_into_the_cache_key_and_named_when_missing(tmp_path):
+    from pipelines.runner import StageInputError, external_files
+
+    ckpt = tmp_path / "start.pt"
+    ckpt.write_bytes(b"weights v1")
+    section = {"init_checkpoint": str(ckpt), "quality_checkpoint": "", "checkpoint_every": 5, "lr": 0.1}
+    first = external_files("pretrain", section)
+    assert list(first) == ["init_checkpoint"] and first["init_checkpoint"]["path"] == str(ckpt)
+    ckpt.write_bytes(b"weights v2")  # changed in place, same path: another digest, so the stage reruns
+    assert external_files("pretrain", section)["init_checkpoint"]["sha256"] != first["init_checkpoint"]["sha256"]
+    with pytest.raises(StageInputError, match="pretrain.init_checkpoint: no such file"):
+        external_files("pretrain", {**section, "init_checkpoint": str(tmp_path / "gone.pt")})
+
+
+def test_neco_post_trains_from_recorded_start_weights(tiny_store, tmp_path, capsys):
+    """NeCo through Ray Train (2 workers): a tiny DINOv2-with-registers ViT starts from a local checkpoint,
+    whose SHA-256 is in the pretrain manifest and among the MLflow run's inputs; the feeder hands every
+    worker its crops' boxes; evaluate compares the post-trained encoder with its start weights."""
+    import hashlib
+
+    import mlflow
+    import torch
+
+    from tasks.models.backbone import build_backbone
+    from tasks.store import Storage
+
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, dynamic_img_size=True)
+    torch.manual_seed(3)
+    start, _ = build_backbone("vit_small_patch14_reg4_dinov2", **kwargs)
+    ckpt = tmp_path / "dinov2-start.pt"
+    torch.save(start.state_dict(), ckpt)
+    storage = copy_store(tiny_store, tmp_path / "store")
+    args = [str(write_pipeline(tmp_path / "pipeline.yaml")), "--storage", str(storage)]
+    capsys.readouterr()
+    assert main(["run", *args, "--set", "pretrain.method=neco", "--set", "pretrain.backbone=vit_small_patch14_reg4_dinov2",
+                 "--set", "pretrain.backbone_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2, "
+                          "dynamic_img_size: true}",
+                 "--set", f"pretrain.init_checkpoint={ckpt}",
+                 "--set", "pretrain.method_kwargs={out_dim: 16, hidden_dim: 32, queue_size: 64, num_references: 8}",
+                 "--set", "pretrain.optimizer=adamw", "--set", "pretrain.lr=0.0005"]) == 0
+    status = _status(capsys)
+    assert status["pretrain"] == "ran" and status["evaluate"] == "ran"
+    st = Storage(str(storage))
+    man = st.manifest("pretrain")
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert man["files"]["init_checkpoint"] == {"path": str(ckpt), "sha256": digest}
+    hist = st.read_table("pretrain", "history").to_pylist()
+    assert len(hist) == 4 and all(h["loss"] > 0 for h in hist)
+    report = json.loads(st.read_file("evaluate", "report.json"))
+    assert set(report["results"]) == {"start", "pretrained"}
+    client = mlflow.MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    run = client.get_run(man["mlflow_run_id"])
+    names = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert names["pretrain.init_checkpoint"] == digest[:32]
+    assert run.data.tags["sslforge.file.init_checkpoint.sha256"] == digest
+    assert "knn_top1_start" in client.get_run(st.manifest("evaluate")["mlflow_run_id"]).data.metrics

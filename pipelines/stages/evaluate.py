@@ -24,9 +24,12 @@ def _evaluate_task(encoder_bytes: bytes, enc_cfg: dict, images, labels, cfg: dic
               linear_epochs=cfg["linear_epochs"], linear_lr=cfg["linear_lr"], seed=cfg["seed"],
               batch_size=cfg["batch_size"])
     torch.manual_seed(seed)
-    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], **enc_cfg["backbone_kwargs"])
+    start = enc_cfg.get("init_checkpoint", "")
+    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
+                            **enc_cfg["backbone_kwargs"])
     if cfg["baseline_random"]:
-        out["random"] = evaluate_encoder(enc, images, labels, **kw)  # the init pretraining started from
+        # the init pretraining started from: random (same seed) or, for a post-training, its start weights
+        out["start" if start else "random"] = evaluate_encoder(enc, images, labels, **kw)
     enc.load_state_dict(torch.load(io.BytesIO(encoder_bytes), map_location="cpu", weights_only=True))
     out["pretrained"] = evaluate_encoder(enc, images, labels, **kw)
     return out
@@ -124,11 +127,12 @@ def run(ctx) -> dict:
     if search is not None:
         metrics.update(knn_top1_expert_search=res["expert_search"]["knn_top1"],
                        linear_top1_expert_search=res["expert_search"]["linear_top1"])
-    if "random" in res:
-        metrics.update(knn_top1_random=res["random"]["knn_top1"], linear_top1_random=res["random"]["linear_top1"])
+    base = "start" if "start" in res else "random"
+    if base in res:
+        metrics.update({f"knn_top1_{base}": res[base]["knn_top1"], f"linear_top1_{base}": res[base]["linear_top1"]})
         from pipelines.plots import bar_figure
 
-        ctx.tracker.log_figure(bar_figure({"random init": res["random"]["knn_top1"],
+        ctx.tracker.log_figure(bar_figure({"start weights" if base == "start" else "random init": res[base]["knn_top1"],
                                            "pretrained": res["pretrained"]["knn_top1"]}, "kNN top-1"),
                                "knn_top1.png")
     ctx.tracker.set_tags({"sslforge.pretrain_run_id": pre.get("mlflow_run_id", "")})

@@ -100,7 +100,8 @@ def train_loop(config: dict) -> None:
     per = c["batch_size"] // world
     steps_per_epoch = max(1, len(images) // c["batch_size"])
     max_steps = c["max_steps"] or c["epochs"] * steps_per_epoch
-    backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], **c["backbone_kwargs"])
+    backbone, dim = build_backbone(c["backbone"], cifar_stem=c["cifar_stem"], checkpoint=c["init_checkpoint"],
+                                   **c["backbone_kwargs"])
     method_cls = get_method(c["method"])
     image_inputs, method_kwargs = {}, dict(c["method_kwargs"])
     if getattr(method_cls, "needs_clusters", False):  # MoCE: gate on the cluster stage's centroids
@@ -273,7 +274,7 @@ def run(ctx) -> dict:
         if knn:
             metrics["knn_monitor_final"] = knn[-1]
     encoder = {"backbone": cfg.backbone, "cifar_stem": cfg.cifar_stem, "backbone_kwargs": cfg.backbone_kwargs,
-               "file": "encoder.pt"}
+               "init_checkpoint": cfg.init_checkpoint, "file": "encoder.pt"}
     if state.get("needs_clusters"):
         encoder.update(method=cfg.method, method_kwargs=cfg.method_kwargs, method_file="method.pt")
     return {"metrics": metrics, "encoder": encoder}
