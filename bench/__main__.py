@@ -25,6 +25,8 @@ REGISTRY: dict[str, str] = {
     "knn": "bench.knn:run",  # knn.<method>.ours_over_lightly, knn.<method>.ours (after equal CPU budgets)
     "knn_masked": "bench.knn_masked:run",  # knn_masked.<method>.ours (MAE family vs random-init ViT, equal budgets)
     "genview": "bench.genview:run",  # masks.stage_over_loop, views.stage_over_loop (Ray Data vs a plain loop)
+    "neco": "bench.neco:run",  # neco.step_over_backbone, hbird.patches_per_s, hbird.faiss_over_torch
+    "dense_camvid": "bench.dense_camvid:run",  # dense_camvid.densecl_over_mocov2, dense_camvid.neco_over_start
 }
 
 

@@ -120,7 +120,8 @@ def run_pipeline(cfg: PipelineConfig, storage: Storage, tracker: Tracker, *, for
 
 def external_files(stage: str, section: dict) -> dict[str, dict]:
     """The files a stage reads from outside the pipeline: every non-empty ``*checkpoint`` option (start
-    weights of a post-training, frozen encoders). Their SHA-256 goes into the stage's cache key (a file
+    weights of a post-training, frozen encoders) and ``*_root`` data folder (hashed by their manifest.csv
+    and the sizes of the files it lists). Their SHA-256 goes into the stage's cache key (a file
     changed in place reruns the stage), its manifest and its MLflow inputs (lineage).
 
     Raises :class:`StageInputError` naming the option for a missing file."""
@@ -128,17 +129,29 @@ def external_files(stage: str, section: dict) -> dict[str, dict]:
 
     out = {}
     for key, path in section.items():
-        if not (key.endswith("checkpoint") and isinstance(path, str) and path):
+        if not (isinstance(path, str) and path and (key.endswith("checkpoint") or key.endswith("_root"))):
             continue
         if "://" in path:  # a remote URI: recorded as given (not fetched here)
             out[key] = {"path": path, "sha256": "remote:" + path}
             continue
-        if not os.path.isfile(path):
-            raise StageInputError(f"{stage}.{key}: no such file {path!r}")
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if key.endswith("_root"):  # a data folder (evaluate.seg_root): its manifest and the sizes it lists
+            manifest = os.path.join(path, "manifest.csv")
+            if not os.path.isfile(manifest):
+                raise StageInputError(f"{stage}.{key}: no manifest.csv in {path!r}")
+            with open(manifest, "rb") as f:
+                text = f.read()
+            h.update(text)
+            for line in text.decode(errors="replace").splitlines()[1:]:
+                for rel in line.split(",")[:2]:
+                    full = os.path.join(path, rel.strip())
+                    h.update(f"{rel}:{os.path.getsize(full) if os.path.isfile(full) else -1};".encode())
+        else:
+            if not os.path.isfile(path):
+                raise StageInputError(f"{stage}.{key}: no such file {path!r}")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         out[key] = {"path": os.path.abspath(path), "sha256": h.hexdigest()}
     return out
 

@@ -131,6 +131,24 @@ class EvaluateConfig:
     # MoCE: pick each MoE layer's expert for this set (its train split, embedded by the cluster stage's
     # encoder) and evaluate that dense ViT too
     expert_search: bool = True
+    # Dense evaluation (METHODS.md 8.3, 8.4) on a segmentation set: a folder with manifest.csv (image, mask,
+    # split; class-id PNG masks), e.g. ../shared/data/camvid; empty = off
+    seg_root: str = ""
+    seg_classes: int = 11  # CamVid's SegNet split
+    seg_ignore: tuple = (11,)  # mask values that are unlabelled (CamVid: void 11)
+    seg_train_split: str = "train"
+    seg_val_split: str = "val"
+    seg_resolution: int = 0  # square input side; 0 = pretrain.resolution (a ViT is built for that size)
+    seg_limit: int = 0  # at most this many images per split (0 = all)
+    seg_linear: bool = True  # linear segmentation: 1x1 conv on frozen features
+    seg_linear_epochs: int = 25
+    seg_linear_lr: float = 0.01
+    seg_out_size: int = 100  # logits and masks compared at this size (100 at 448 px in the protocol)
+    seg_hummingbird: bool = True  # in-context segmentation by patch retrieval (faiss)
+    seg_k: int = 30
+    seg_temperature: float = 0.02
+    seg_memory: int = 0  # memory patches (0 = every labelled train patch)
+    seg_augment_epochs: int = 0  # augmented passes over the train images for the memory (0 = the images)
     seed: int = 0
 
 

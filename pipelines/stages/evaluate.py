@@ -66,6 +66,55 @@ def _expert_search_task(method_bytes: bytes, enc_cfg: dict, cluster_cfg: dict, i
             "clusters": found["clusters"].tolist(), "encoder": buf.getvalue()}
 
 
+def _dense_task(encoder_bytes: bytes, enc_cfg: dict, cfg: dict, root: str, resolution: int, seed: int,
+                baseline: bool) -> dict:
+    """Linear and in-context segmentation of the start/random encoder and the pretrained one on the
+    segmentation set at ``root``, with overlay pictures of the first val images."""
+    import os
+
+    import torch
+
+    from tasks.data.segmentation import load_segmentation_split
+    from tasks.evaluate.overlay import overlay_grid
+    from tasks.evaluate.segmentation import evaluate_dense
+    from tasks.models.backbone import build_backbone
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    limit = cfg["seg_limit"] or None
+    load = dict(size=resolution, limit=limit, ignore_values=tuple(cfg["seg_ignore"]), num_classes=cfg["seg_classes"])
+    train = load_segmentation_split(root, cfg["seg_train_split"], **load)
+    val = load_segmentation_split(root, cfg["seg_val_split"], **load)
+    if not len(train.images) or not len(val.images):
+        raise ValueError(f"segmentation set {root}: {len(train.images)} train / {len(val.images)} val images "
+                         f"could be read (skipped: {(train.skipped + val.skipped)[:3]})")
+    kw = dict(linear=cfg["seg_linear"], in_context=cfg["seg_hummingbird"], linear_epochs=cfg["seg_linear_epochs"],
+              linear_lr=cfg["seg_linear_lr"], out_size=cfg["seg_out_size"], k=cfg["seg_k"],
+              temperature=cfg["seg_temperature"], memory_size=cfg["seg_memory"] or None,
+              augment_epochs=cfg["seg_augment_epochs"], seed=cfg["seed"])
+    torch.manual_seed(seed)
+    start = enc_cfg.get("init_checkpoint", "")
+    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
+                            **enc_cfg["backbone_kwargs"])
+    results, pictures = {}, {}
+    encoders = ([("start" if start else "random", None)] if baseline else []) + [("pretrained", encoder_bytes)]
+    for name, blob in encoders:
+        if blob is not None:
+            enc.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+        r = evaluate_dense(enc, train.images, train.masks, val.images, val.masks, cfg["seg_classes"], **kw)
+        for kind in ("linear", "hbird"):
+            pred = r.pop(f"{kind}_pred", None)
+            if pred is not None:
+                grid = overlay_grid(val.images, val.masks, pred, cfg["seg_classes"])
+                buf = io.BytesIO()
+                from PIL import Image
+
+                Image.fromarray(grid).save(buf, format="PNG")
+                pictures[f"seg_{kind}_{name}.png"] = buf.getvalue()
+        results[name] = r
+    return {"results": results, "pictures": pictures, "n_train": len(train.images), "n_val": len(val.images),
+            "skipped": train.skipped + val.skipped, "resolution": resolution}
+
+
 def _log_dense(ctx, enc_cfg: dict, blob: bytes) -> None:
     """The expert-search ViT as an MLflow model of this evaluate run (the stage output's file stays the
     source of truth if logging fails)."""
@@ -81,6 +130,20 @@ def _log_dense(ctx, enc_cfg: dict, blob: bytes) -> None:
         ctx.tracker.set_tags({"sslforge.expert_search_model_uri": info.get("model_uri", "")})
     except Exception as e:  # noqa: BLE001
         ctx.log(f"warning: could not log the expert-search encoder as an MLflow model: {e}")
+
+
+def _log_png(ctx, name: str, data: bytes) -> None:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            ctx.tracker.log_artifact(path, "segmentation")
+        except Exception as e:  # noqa: BLE001 -- the stage output keeps the picture
+            ctx.log(f"warning: could not log {name} to MLflow: {e}")
 
 
 def run(ctx) -> dict:
@@ -115,12 +178,30 @@ def run(ctx) -> dict:
         ctx.writer.write_file("expert_search.pt", blob)
         _log_dense(ctx, enc_cfg, blob)
         ctx.log(f"expert search: experts {search['experts']} per MoE layer (train split over clusters {search['clusters']})")
+    dense = None
+    if cfg.seg_root:
+        import os
+
+        resolution = cfg.seg_resolution or pre["config"]["resolution"]
+        dense = ray.get(ray.remote(num_cpus=1)(_dense_task).remote(
+            blob if search is None else ctx.storage.read_file("pretrain", enc_cfg["file"]), enc_cfg, to_dict(cfg),
+            os.path.abspath(cfg.seg_root), resolution, pre["config"]["seed"], cfg.baseline_random))
+        for name, data in dense.pop("pictures").items():
+            ctx.writer.write_file(name, data)
+            _log_png(ctx, name, data)
+        for item, reason in dense["skipped"]:
+            ctx.log(f"segmentation set: skipped {item}: {reason}")
+        ctx.log("dense evaluation on " + cfg.seg_root + ": " + ", ".join(
+            f"{n} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.endswith("miou"))
+            for n, r in dense["results"].items()))
     rows = [{"encoder": name, **vals} for name, vals in res.items()]
     ctx.writer.write_table("data", pa.Table.from_pylist(rows), sort_by="encoder")
     report = {"classes": classes, "results": res, "pretrain_run_id": pre.get("mlflow_run_id", ""),
               "pretrain_content_hash": pre["content_hash"]}
     if search is not None:
         report["expert_search"] = search
+    if dense is not None:
+        report["segmentation"] = dense
     ctx.writer.write_file("report.json", json.dumps(report, indent=2).encode())
     ctx.tracker.log_dict(report, "report.json")
     metrics = {"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]}
@@ -135,6 +216,12 @@ def run(ctx) -> dict:
         ctx.tracker.log_figure(bar_figure({"start weights" if base == "start" else "random init": res[base]["knn_top1"],
                                            "pretrained": res["pretrained"]["knn_top1"]}, "kNN top-1"),
                                "knn_top1.png")
+    if dense is not None:
+        for name, r in dense["results"].items():
+            suffix = "" if name == "pretrained" else f"_{name}"
+            metrics.update({f"{k}{suffix}": r[k] for k in ("linear_miou", "hbird_miou") if k in r})
+        if "hbird_patches_per_s" in dense["results"]["pretrained"]:
+            metrics["hbird_patches_per_s"] = dense["results"]["pretrained"]["hbird_patches_per_s"]
     ctx.tracker.set_tags({"sslforge.pretrain_run_id": pre.get("mlflow_run_id", "")})
     ctx.log("kNN top-1: " + ", ".join(f"{k}={v['knn_top1']:.3f}" for k, v in res.items()))
     return {"metrics": metrics, "counts": {"labelled": cur.num_rows, "classes": len(classes)}}

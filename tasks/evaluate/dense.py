@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.models.backbone import normalize
+from tasks.models.backbone import extract_features
 from tasks.models.vit import is_vit, patch_size
 
 
@@ -45,20 +45,6 @@ def dense_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 3
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # e.g. a view of an Arrow buffer; torch wants writable memory
     images = torch.as_tensor(images)
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        out = []
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size].to(device, non_blocking=True)
-            if chunk.dtype == torch.uint8:
-                chunk = normalize(chunk)
-            else:
-                chunk = (chunk.permute(0, 3, 1, 2) if chunk.shape[1] != 3 and chunk.shape[-1] == 3 else chunk).float()
-            out.append(_patch_map(encoder, chunk).float().cpu())
-        if not out:
-            raise ValueError("dense_features got no images")
-        return torch.cat(out)
-    finally:
-        encoder.train(was_training)
+    if not len(images):
+        raise ValueError("dense_features got no images")
+    return extract_features(encoder, images, batch_size, device, forward=lambda x: _patch_map(encoder, x))

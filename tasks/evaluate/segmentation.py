@@ -269,3 +269,37 @@ def hummingbird_encoder(encoder: nn.Module, train_images, train_masks, val_image
     train_feats = dense_features(encoder, mem_images, batch_size)
     val_feats = dense_features(encoder, val_images, batch_size)
     return hummingbird(train_feats, mem_masks, val_feats, val_masks, num_classes, seed=seed, **kwargs)
+
+
+# -- both protocols for one encoder (the evaluate stage's dense evaluation)
+
+def evaluate_dense(encoder: nn.Module, train_images, train_masks, val_images, val_masks, num_classes: int, *,
+                   linear: bool = True, in_context: bool = True, linear_epochs: int = 25, linear_lr: float = 0.01,
+                   out_size: int = 100, k: int = 30, temperature: float = 0.02, memory_size: int | None = None,
+                   augment_epochs: int = 0, batch_size: int = 32, seed: int = 0, ignore_index: int = 255) -> dict:
+    """Linear segmentation and Hummingbird in-context segmentation of one frozen encoder (ResNet maps or
+    ViT patch tokens, :func:`~tasks.evaluate.dense.dense_features`). The train features are extracted once
+    and serve both (unless the memory is augmented: ``augment_epochs`` > 0).
+
+    Returns ``{"linear_miou", "linear_per_class_iou", "linear_pred", "hbird_miou", "hbird_per_class_iou",
+    "hbird_pred", "hbird_patches_per_s", "hbird_memory_patches", "feature_grid"}`` (those asked for)."""
+    from tasks.data.segmentation import memory_views
+    from tasks.evaluate.dense import dense_features
+
+    train_feats = dense_features(encoder, _np(train_images), batch_size)
+    val_feats = dense_features(encoder, _np(val_images), batch_size)
+    out: dict = {"feature_grid": list(train_feats.shape[-2:])}
+    if linear:
+        r = linear_segmentation(train_feats, train_masks, val_feats, val_masks, num_classes, out_size=out_size,
+                                epochs=linear_epochs, lr=linear_lr, seed=seed, ignore_index=ignore_index)
+        out.update(linear_miou=r["miou"], linear_per_class_iou=r["per_class_iou"].tolist(), linear_pred=r["pred"])
+    if in_context:
+        mem_feats, mem_masks = train_feats, train_masks
+        if augment_epochs > 0:
+            mem_images, mem_masks = memory_views(_np(train_images), _np(train_masks), augment_epochs, seed)
+            mem_feats = dense_features(encoder, mem_images, batch_size)
+        r = hummingbird(mem_feats, mem_masks, val_feats, val_masks, num_classes, k=k, temperature=temperature,
+                        memory_size=memory_size, seed=seed, ignore_index=ignore_index)
+        out.update(hbird_miou=r["miou"], hbird_per_class_iou=r["per_class_iou"].tolist(), hbird_pred=r["pred"],
+                   hbird_patches_per_s=r["patches_per_s"], hbird_memory_patches=r["memory_patches"])
+    return out

@@ -102,21 +102,27 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+                     device: torch.device | str | None = None, forward=None) -> torch.Tensor:
     """Pooled features ``[N, D]`` (float32, on CPU) in eval mode; the model's train/eval mode is restored.
 
-    uint8 images (``NxHxWx3`` or ``Nx3xHxW``) are normalised with :func:`normalize`; float images are
-    taken as already normalised. Features are not L2-normalised here (k-NN normalises itself).
+    uint8 images (``NxHxWx3`` or ``Nx3xHxW``) are normalised with :func:`normalize`; float images (either
+    layout) are taken as already normalised. Features are not L2-normalised here (k-NN normalises itself).
+    ``forward(batch)`` replaces ``model(batch).flatten(1)`` (e.g. dense maps,
+    :func:`tasks.evaluate.dense.dense_features`).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    forward = forward or (lambda x: model(x).flatten(1))
     was_training = model.training
     model.eval()
     try:
         out = []
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size].to(device, non_blocking=True)
-            chunk = normalize(chunk) if chunk.dtype == torch.uint8 else chunk.float()
-            out.append(model(chunk).flatten(1).float().cpu())
+            if chunk.dtype == torch.uint8:
+                chunk = normalize(chunk)
+            else:
+                chunk = (chunk.permute(0, 3, 1, 2) if chunk.shape[1] != 3 and chunk.shape[-1] == 3 else chunk).float()
+            out.append(forward(chunk).float().cpu())
         return torch.cat(out) if out else torch.empty(0, 0)
     finally:
         model.train(was_training)
