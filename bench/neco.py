@@ -97,7 +97,7 @@ def _step_bench(quick: bool) -> None:
 
 
 def _hbird_bench(quick: bool) -> None:
-    from tasks.evaluate.segmentation import faiss_knn, hummingbird
+    from tasks.evaluate.segmentation import faiss_knn, hummingbird, torch_knn
 
     n_mem, n_val = (100, 30) if quick else (367, 101)
     grid, d, c = 16, 384, 11
@@ -113,11 +113,14 @@ def _hbird_bench(quick: bool) -> None:
     faiss_knn(mem, q, 30)
     t_faiss = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(0, len(q), 4096):
-        (q[i:i + 4096] @ mem.T).topk(30, dim=1)
+    torch_knn(mem, q, 30)
     t_torch = time.perf_counter() - t0
+    r_torch = hummingbird(train, train_m, val, val_m, c, k=30, temperature=0.02, search="torch")
+    same = bool((r_torch["pred"] == r["pred"]).mean() > 0.999)
     print(f"# hbird: memory {r['memory_patches']} patches ({n_mem} images x {grid}x{grid}), {len(q)} query patches, "
-          f"D {d}, k 30; search alone: faiss {t_faiss:.2f} s, torch matmul+topk {t_torch:.2f} s")
+          f"D {d}, k 30; search alone: faiss {t_faiss:.2f} s, torch matmul+topk {t_torch:.2f} s; predictions "
+          f"{'agree' if same else 'DIFFER'}; retrieval + transfer with search: torch "
+          f"{r_torch['patches_per_s']:.0f} patches/s")
     report("hbird.patches_per_s", r["patches_per_s"], "none")
     report("hbird.faiss_over_torch", t_torch / t_faiss, ">=1.0")
 

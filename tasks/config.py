@@ -146,6 +146,7 @@ class EvaluateConfig:
     seg_out_size: int = 100  # logits and masks compared at this size (100 at 448 px in the protocol)
     seg_hummingbird: bool = True  # in-context segmentation by patch retrieval (faiss)
     seg_k: int = 30
+    seg_search: str = "faiss"  # exact neighbours: faiss (IndexFlatIP) | torch (matmul + topk, faster on CPU)
     seg_temperature: float = 0.02
     seg_memory: int = 0  # memory patches (0 = every labelled train patch)
     seg_augment_epochs: int = 0  # augmented passes over the train images for the memory (0 = the images)

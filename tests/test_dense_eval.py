@@ -12,7 +12,7 @@ from PIL import Image
 from tasks.data.segmentation import load_segmentation_split, memory_views, paired_random_resized_crop
 from tasks.evaluate.dense import dense_features
 from tasks.evaluate.overlay import overlay_grid
-from tasks.evaluate.segmentation import (faiss_knn, hummingbird, hummingbird_encoder, linear_segmentation, miou,
+from tasks.evaluate.segmentation import (faiss_knn, torch_knn, hummingbird, hummingbird_encoder, linear_segmentation, miou,
                                          patch_labels, sample_memory)
 from tasks.models.backbone import build_backbone, normalize
 
@@ -119,6 +119,8 @@ def test_faiss_neighbours_match_brute_force():
     ref_sims, ref_idx = (queries @ memory.t()).topk(30, dim=1)
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(sims, ref_sims, atol=1e-5)
+    t_sims, t_idx = torch_knn(memory, queries, k=30, chunk=32)  # the torch backend: the same neighbours
+    assert torch.equal(t_idx, ref_idx) and torch.allclose(t_sims, ref_sims, atol=1e-6)
 
 
 def test_hummingbird_recovers_encoded_classes_and_random_is_chance():

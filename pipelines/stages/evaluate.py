@@ -90,7 +90,7 @@ def _dense_task(encoder_bytes: bytes, enc_cfg: dict, cfg: dict, root: str, resol
     kw = dict(linear=cfg["seg_linear"], in_context=cfg["seg_hummingbird"], linear_epochs=cfg["seg_linear_epochs"],
               linear_lr=cfg["seg_linear_lr"], out_size=cfg["seg_out_size"], k=cfg["seg_k"],
               temperature=cfg["seg_temperature"], memory_size=cfg["seg_memory"] or None,
-              augment_epochs=cfg["seg_augment_epochs"], seed=cfg["seed"])
+              augment_epochs=cfg["seg_augment_epochs"], seed=cfg["seed"], search=cfg["seg_search"])
     torch.manual_seed(seed)
     start = enc_cfg.get("init_checkpoint", "")
     enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
