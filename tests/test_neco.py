@@ -186,3 +186,25 @@ def test_the_feeder_hands_neco_its_crops_boxes_and_draws():
         boxes = [tuple(int(x) for x in v[:4]) for v in b]
         assert _overlap(boxes[0], boxes[1]) > 0.02 * 40 * 48
     m(views, 0, 10, **inputs)["loss"].backward()
+
+
+def test_an_official_format_dinov2_checkpoint_loads_into_the_timm_model(tmp_path):
+    """The DINOv2 release stores register tokens as ``register_tokens``, keeps a ``mask_token`` and puts the
+    class position into ``pos_embed``; build_backbone(checkpoint=...) converts it through timm."""
+    vit, _ = tiny_dinov2()
+    timm_state = vit.state_dict()
+    official = {k: v.clone() for k, v in timm_state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    official["register_tokens"] = timm_state["reg_token"].clone()
+    cls_pos = torch.randn(1, 1, 32)
+    official["pos_embed"] = torch.cat([cls_pos, timm_state["pos_embed"]], 1)
+    official["cls_token"] = timm_state["cls_token"] - cls_pos
+    official["mask_token"] = torch.zeros(1, 32)
+    torch.save(official, tmp_path / "dinov2_official.pth")
+    loaded, _ = build_backbone("vit_small_patch14_reg4_dinov2", img_size=16, patch_size=P, embed_dim=32, depth=1,
+                               num_heads=2, dynamic_img_size=True, checkpoint=str(tmp_path / "dinov2_official.pth"))
+    for k, v in timm_state.items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
+    with pytest.raises(ValueError, match="does not match"):
+        torch.save({"blocks.0.norm1.weight": torch.ones(3)}, tmp_path / "bad.pth")
+        build_backbone("vit_small_patch14_reg4_dinov2", img_size=16, patch_size=P, embed_dim=32, depth=1,
+                       num_heads=2, checkpoint=str(tmp_path / "bad.pth"))

@@ -27,7 +27,9 @@ def _apply_cifar_stem(model: nn.Module, name: str) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
-    """Strictly load a local state dict (raw, ``{"state_dict": ...}``, or with a DDP ``module.`` prefix)."""
+    """Strictly load a local state dict (raw, ``{"state_dict": ...}``, or with a DDP ``module.`` prefix); one
+    that does not fit as it is goes through timm's converter for the model's family (official DINOv2
+    checkpoints, with or without registers, load into timm's ``vit_*_dinov2`` models this way)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -37,8 +39,30 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         state = {k[len("module."):]: v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
+        return
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not match the backbone (strict load): {err}") from err
+        first = err
+    converted = _timm_converted(model, state)
+    if converted is not None:  # e.g. the official DINOv2 release (mask_token, register_tokens, pos_embed with the
+        try:                   # class position), or another input size (position embedding resampled)
+            model.load_state_dict(converted, strict=True)
+            return
+        except RuntimeError:
+            pass
+    raise ValueError(f"checkpoint {path} does not match the backbone (strict load): {first}") from first
+
+
+def _timm_converted(model: nn.Module, state: dict) -> dict | None:
+    """``state`` through timm's checkpoint converter for its model family (ViTs: DINOv2/CLIP/I-JEPA releases,
+    position-embedding resampling), or None where there is none or it fails."""
+    try:
+        import importlib
+
+        module = importlib.import_module(type(model).__module__)
+        fn = getattr(module, "checkpoint_filter_fn", None)
+        return fn(dict(state), model) if fn is not None else None
+    except Exception:  # noqa: BLE001 -- only a second attempt; the strict error is what gets reported
+        return None
 
 
 class TinyConvNet(nn.Module):
