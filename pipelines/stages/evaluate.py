@@ -154,37 +154,41 @@ def run(ctx) -> dict:
     cfg = ctx.cfg
     cur = ctx.storage.read_table("curate", columns=["id", "image", "label"])
     cur = cur.filter(pa.compute.not_equal(cur["label"], ""))
-    if cur.num_rows == 0:
+    if cur.num_rows == 0 and not cfg.seg_root:
         ctx.log("no labelled images: nothing to evaluate")
         ctx.writer.write_table("data", pa.table({"encoder": pa.array([], pa.string())}), sort_by=None)
         return {"metrics": {}, "counts": {"labelled": 0}}
-    classes = sorted(set(cur["label"].to_pylist()))
-    labels = np.array([classes.index(x) for x in cur["label"].to_pylist()])
-    images = batch_to_array(cur["image"].to_pylist(), cfg.resolution)
     pre = ctx.upstream["pretrain"]
     enc_cfg = pre["encoder"]
     blob = ctx.storage.read_file("pretrain", enc_cfg["file"])
     from tasks.config import to_dict
 
-    res = ray.get(ray.remote(num_cpus=1)(_evaluate_task).remote(blob, enc_cfg, images, labels, to_dict(cfg),
-                                                                pre["config"]["seed"]))
-    search = None
-    if enc_cfg.get("method_file") and cfg.expert_search:
-        search = ray.get(ray.remote(num_cpus=1)(_expert_search_task).remote(
-            ctx.storage.read_file("pretrain", enc_cfg["method_file"]), enc_cfg, ctx.upstream["cluster"]["config"],
-            cur["image"].to_pylist(), cur["id"].to_pylist(), images, labels, to_dict(cfg)))
-        res["expert_search"] = search.pop("result")
-        blob = search.pop("encoder")
-        ctx.writer.write_file("expert_search.pt", blob)
-        _log_dense(ctx, enc_cfg, blob)
-        ctx.log(f"expert search: experts {search['experts']} per MoE layer (train split over clusters {search['clusters']})")
+    res, search, classes = {}, None, []
+    if cur.num_rows == 0:
+        ctx.log("no labelled images: kNN / linear probe skipped, dense evaluation only")
+    else:
+        classes = sorted(set(cur["label"].to_pylist()))
+        labels = np.array([classes.index(x) for x in cur["label"].to_pylist()])
+        images = batch_to_array(cur["image"].to_pylist(), cfg.resolution)
+        res = ray.get(ray.remote(num_cpus=1)(_evaluate_task).remote(blob, enc_cfg, images, labels, to_dict(cfg),
+                                                                    pre["config"]["seed"]))
+        if enc_cfg.get("method_file") and cfg.expert_search:
+            search = ray.get(ray.remote(num_cpus=1)(_expert_search_task).remote(
+                ctx.storage.read_file("pretrain", enc_cfg["method_file"]), enc_cfg, ctx.upstream["cluster"]["config"],
+                cur["image"].to_pylist(), cur["id"].to_pylist(), images, labels, to_dict(cfg)))
+            res["expert_search"] = search.pop("result")
+            dense_blob = search.pop("encoder")
+            ctx.writer.write_file("expert_search.pt", dense_blob)
+            _log_dense(ctx, enc_cfg, dense_blob)
+            ctx.log(f"expert search: experts {search['experts']} per MoE layer (train split over clusters "
+                    f"{search['clusters']})")
     dense = None
     if cfg.seg_root:
         import os
 
         resolution = cfg.seg_resolution or pre["config"]["resolution"]
         dense = ray.get(ray.remote(num_cpus=1)(_dense_task).remote(
-            blob if search is None else ctx.storage.read_file("pretrain", enc_cfg["file"]), enc_cfg, to_dict(cfg),
+            blob, enc_cfg, to_dict(cfg),
             os.path.abspath(cfg.seg_root), resolution, pre["config"]["seed"], cfg.baseline_random))
         for name, data in dense.pop("pictures").items():
             ctx.writer.write_file(name, data)
@@ -195,7 +199,8 @@ def run(ctx) -> dict:
             f"{n} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.endswith("miou"))
             for n, r in dense["results"].items()))
     rows = [{"encoder": name, **vals} for name, vals in res.items()]
-    ctx.writer.write_table("data", pa.Table.from_pylist(rows), sort_by="encoder")
+    ctx.writer.write_table("data", pa.Table.from_pylist(rows) if rows else pa.table({"encoder": pa.array([], pa.string())}),
+                           sort_by="encoder" if rows else None)
     report = {"classes": classes, "results": res, "pretrain_run_id": pre.get("mlflow_run_id", ""),
               "pretrain_content_hash": pre["content_hash"]}
     if search is not None:
@@ -204,7 +209,8 @@ def run(ctx) -> dict:
         report["segmentation"] = dense
     ctx.writer.write_file("report.json", json.dumps(report, indent=2).encode())
     ctx.tracker.log_dict(report, "report.json")
-    metrics = {"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]}
+    metrics = {"knn_top1": res["pretrained"]["knn_top1"], "linear_top1": res["pretrained"]["linear_top1"]} \
+        if "pretrained" in res else {}
     if search is not None:
         metrics.update(knn_top1_expert_search=res["expert_search"]["knn_top1"],
                        linear_top1_expert_search=res["expert_search"]["linear_top1"])
@@ -223,5 +229,6 @@ def run(ctx) -> dict:
         if "hbird_patches_per_s" in dense["results"]["pretrained"]:
             metrics["hbird_patches_per_s"] = dense["results"]["pretrained"]["hbird_patches_per_s"]
     ctx.tracker.set_tags({"sslforge.pretrain_run_id": pre.get("mlflow_run_id", "")})
-    ctx.log("kNN top-1: " + ", ".join(f"{k}={v['knn_top1']:.3f}" for k, v in res.items()))
+    if res:
+        ctx.log("kNN top-1: " + ", ".join(f"{k}={v['knn_top1']:.3f}" for k, v in res.items()))
     return {"metrics": metrics, "counts": {"labelled": cur.num_rows, "classes": len(classes)}}
