@@ -264,6 +264,7 @@ def test_external_files_are_hashed_into_the_cache_key_and_named_when_missing(tmp
         external_files("pretrain", {**section, "init_checkpoint": str(tmp_path / "gone.pt")})
 
 
+@pytest.mark.slow  # ~60 s; the checkpoint hashing (above), NeCo and the feeder's boxes (test_neco.py) are in the default suite
 def test_neco_post_trains_from_recorded_start_weights(tiny_store, tmp_path, capsys):
     """NeCo through Ray Train (2 workers): a tiny DINOv2-with-registers ViT starts from a local checkpoint,
     whose SHA-256 is in the pretrain manifest and among the MLflow run's inputs; the feeder hands every
