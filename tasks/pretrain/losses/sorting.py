@@ -37,28 +37,25 @@ NETWORKS = ("bitonic", "odd_even")
 
 @lru_cache(maxsize=64)
 def bitonic_layers(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
-    """Per layer, the comparators' ``(lo wires, hi wires)`` of the bitonic network over ``n`` wires."""
+    """Per layer, the comparators' ``(lo wires, hi wires)`` of the bitonic network over ``n`` wires: the
+    network :func:`soft_sort` runs (:func:`_bitonic_plan`), as comparator lists."""
     if n < 1:
         raise ValueError(f"a sorting network needs n >= 1, got {n}")
-    k = math.ceil(math.log2(n)) if n > 1 else 0
-    full = 2 ** k
-    off = full - n  # wires 0..off-1 are the missing ones (virtual -inf)
+    off = (2 ** math.ceil(math.log2(n)) if n > 1 else 1) - n  # wires 0..off-1 are the missing ones
     layers = []
-    for block in range(k):
-        for layer in range(block + 1):
-            m = 2 ** (block - layer)
-            lo, hi = [], []
-            for i in range(0, full, 2 * m):
-                for j in range(m):
-                    a, b = i + j, i + j + m
-                    if a < off or b < off:  # a missing wire: the comparator passes the real one through
-                        continue
-                    if (a // 2 ** (block + 1)) % 2 == 1:  # descending half of a bitonic merge
-                        a, b = b, a
-                    lo.append(a - off)
-                    hi.append(b - off)
-            if lo:
-                layers.append((tuple(lo), tuple(hi)))
+    for m, desc, missing in _bitonic_plan(n, torch.device("cpu")):
+        lo, hi = [], []
+        for g in range(desc.shape[0]):
+            for j in range(m):
+                if missing[g, j]:  # a missing wire: the comparator passes the real one through
+                    continue
+                a, b = g * 2 * m + j, g * 2 * m + j + m
+                if desc[g, 0]:  # descending half of a bitonic merge: the min goes to the upper wire
+                    a, b = b, a
+                lo.append(a - off)
+                hi.append(b - off)
+        if lo:
+            layers.append((tuple(lo), tuple(hi)))
     return tuple(layers)
 
 
@@ -112,7 +109,8 @@ class _Mix(torch.autograd.Function):
         return gv, (gw.sum(dims, keepdim=True) if dims else gw)
 
 
-def _bitonic_plan(n: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+@lru_cache(maxsize=64)
+def _bitonic_plan(n: int, device: torch.device) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
     """Per layer of the bitonic network over ``2^k >= n`` wires: the comparator distance ``m``, per group
     of ``2m`` wires whether it sorts descending ``[G, 1]``, and per comparator whether it touches a missing
     wire (then it passes its wires through) ``[G, m]``."""
@@ -126,7 +124,7 @@ def _bitonic_plan(n: int, device) -> list[tuple[int, torch.Tensor, torch.Tensor]
             desc = ((starts // 2 ** (block + 1)) % 2 == 1).view(-1, 1)
             a = starts.view(-1, 1) + torch.arange(m).view(1, -1)
             plan.append((m, desc.to(device), (a < off).to(device)))  # a < b, so b missing implies a missing
-    return plan
+    return tuple(plan)
 
 
 def soft_sort(x: torch.Tensor, steepness: float = 10.0, network: str = "bitonic",
@@ -150,7 +148,7 @@ def soft_sort(x: torch.Tensor, steepness: float = 10.0, network: str = "bitonic"
     # missing wires first (they hold 0 and zero columns; every comparator touching one is the identity)
     x = torch.cat([x.new_zeros(r, off), x], 1)
     perm = torch.cat([x.new_zeros(n, off), torch.eye(n, dtype=x.dtype, device=x.device)], 1).expand(r, n, full)
-    for m, desc, missing in _bitonic_plan(n, x.device):
+    for m, desc, missing in _bitonic_plan(n, x.device):  # cached per (n, device)
         v = x.view(r, -1, 2, m)
         a, b = v[:, :, 0], v[:, :, 1]
         alpha = _alpha(steepness * (b - a), distribution)  # P(a is the smaller)
