@@ -12,24 +12,36 @@ import numpy as np
 import pyarrow as pa
 
 
+_NO_ROWS = pa.table({"encoder": pa.array([], pa.string())})  # the data table when nothing was classified
+
+
+def _start_encoder(enc_cfg: dict, seed: int):
+    """The encoder pretraining started from -- its random init (the same seed) or, for a post-training,
+    its start weights -- and that baseline's name ("random" | "start")."""
+    import torch
+
+    from tasks.models.backbone import build_backbone
+
+    torch.manual_seed(seed)
+    start = enc_cfg.get("init_checkpoint", "")
+    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
+                            **enc_cfg["backbone_kwargs"])
+    return enc, ("start" if start else "random")
+
+
 def _evaluate_task(encoder_bytes: bytes, enc_cfg: dict, images, labels, cfg: dict, seed: int) -> dict:
     import torch
 
     from tasks.evaluate.classification import evaluate_encoder
-    from tasks.models.backbone import build_backbone
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = {}
     kw = dict(k=cfg["knn_k"], temperature=cfg["knn_temperature"], test_fraction=cfg["test_fraction"],
               linear_epochs=cfg["linear_epochs"], linear_lr=cfg["linear_lr"], seed=cfg["seed"],
               batch_size=cfg["batch_size"])
-    torch.manual_seed(seed)
-    start = enc_cfg.get("init_checkpoint", "")
-    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
-                            **enc_cfg["backbone_kwargs"])
+    enc, baseline = _start_encoder(enc_cfg, seed)
     if cfg["baseline_random"]:
-        # the init pretraining started from: random (same seed) or, for a post-training, its start weights
-        out["start" if start else "random"] = evaluate_encoder(enc, images, labels, **kw)
+        out[baseline] = evaluate_encoder(enc, images, labels, **kw)
     enc.load_state_dict(torch.load(io.BytesIO(encoder_bytes), map_location="cpu", weights_only=True))
     out["pretrained"] = evaluate_encoder(enc, images, labels, **kw)
     return out
@@ -73,11 +85,11 @@ def _dense_task(encoder_bytes: bytes, enc_cfg: dict, cfg: dict, root: str, resol
     import os
 
     import torch
+    from PIL import Image
 
     from tasks.data.segmentation import load_segmentation_split
     from tasks.evaluate.overlay import overlay_grid
     from tasks.evaluate.segmentation import evaluate_dense
-    from tasks.models.backbone import build_backbone
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     limit = cfg["seg_limit"] or None
@@ -91,12 +103,9 @@ def _dense_task(encoder_bytes: bytes, enc_cfg: dict, cfg: dict, root: str, resol
               linear_lr=cfg["seg_linear_lr"], out_size=cfg["seg_out_size"], k=cfg["seg_k"],
               temperature=cfg["seg_temperature"], memory_size=cfg["seg_memory"] or None,
               augment_epochs=cfg["seg_augment_epochs"], seed=cfg["seed"], search=cfg["seg_search"])
-    torch.manual_seed(seed)
-    start = enc_cfg.get("init_checkpoint", "")
-    enc, _ = build_backbone(enc_cfg["backbone"], cifar_stem=enc_cfg["cifar_stem"], checkpoint=start,
-                            **enc_cfg["backbone_kwargs"])
+    enc, first = _start_encoder(enc_cfg, seed)
     results, pictures = {}, {}
-    encoders = ([("start" if start else "random", None)] if baseline else []) + [("pretrained", encoder_bytes)]
+    encoders = ([(first, None)] if baseline else []) + [("pretrained", encoder_bytes)]
     for name, blob in encoders:
         if blob is not None:
             enc.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
@@ -106,8 +115,6 @@ def _dense_task(encoder_bytes: bytes, enc_cfg: dict, cfg: dict, root: str, resol
             if pred is not None:
                 grid = overlay_grid(val.images, val.masks, pred, cfg["seg_classes"])
                 buf = io.BytesIO()
-                from PIL import Image
-
                 Image.fromarray(grid).save(buf, format="PNG")
                 pictures[f"seg_{kind}_{name}.png"] = buf.getvalue()
         results[name] = r
@@ -156,7 +163,7 @@ def run(ctx) -> dict:
     cur = cur.filter(pa.compute.not_equal(cur["label"], ""))
     if cur.num_rows == 0 and not cfg.seg_root:
         ctx.log("no labelled images: nothing to evaluate")
-        ctx.writer.write_table("data", pa.table({"encoder": pa.array([], pa.string())}), sort_by=None)
+        ctx.writer.write_table("data", _NO_ROWS, sort_by=None)
         return {"metrics": {}, "counts": {"labelled": 0}}
     pre = ctx.upstream["pretrain"]
     enc_cfg = pre["encoder"]
@@ -199,8 +206,7 @@ def run(ctx) -> dict:
             f"{n} " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.endswith("miou"))
             for n, r in dense["results"].items()))
     rows = [{"encoder": name, **vals} for name, vals in res.items()]
-    ctx.writer.write_table("data", pa.Table.from_pylist(rows) if rows else pa.table({"encoder": pa.array([], pa.string())}),
-                           sort_by="encoder" if rows else None)
+    ctx.writer.write_table("data", pa.Table.from_pylist(rows) if rows else _NO_ROWS, sort_by="encoder" if rows else None)
     report = {"classes": classes, "results": res, "pretrain_run_id": pre.get("mlflow_run_id", ""),
               "pretrain_content_hash": pre["content_hash"]}
     if search is not None:

@@ -29,7 +29,8 @@ class SegmentationSplit(NamedTuple):
     skipped: list[tuple[str, str]]  # (manifest image path, reason) of each pair not loaded
 
 
-def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+def hw_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``S`` -> ``(S, S)``; ``(H, W)`` -> ``(H, W)``."""
     if isinstance(size, int):
         return size, size
     h, w = (int(s) for s in size)
@@ -94,7 +95,7 @@ def load_segmentation_split(root: str, split: str, size: int | Sequence[int], li
     if not chosen:
         raise ValueError(f"manifest {os.path.join(root, manifest)!r} has no {split!r} rows "
                          f"(splits: {sorted({r['split'] for r in rows})})")
-    hw = _hw(size)
+    hw = hw_size(size)
     images, masks, names, skipped = [], [], [], []
     for row in chosen:
         if limit is not None and len(images) >= limit:
@@ -146,7 +147,7 @@ def paired_random_resized_crop(image: np.ndarray, mask: np.ndarray, size: int | 
     """One random box (area fraction in ``scale``, aspect in ``ratio``) cut from both image and mask, resized
     to ``size`` (image bilinear, mask nearest); then brightness, contrast, saturation and hue jitter of
     ``jitter`` each with probability ``jitter_p`` on the image only. Pure given ``rng``."""
-    h, w = _hw(size)
+    h, w = hw_size(size)
     box = _crop_box(image.shape[1], image.shape[0], scale, ratio, rng)
     im = Image.fromarray(image).crop(box).resize((w, h), Image.BILINEAR)
     m = Image.fromarray(mask).crop(box).resize((w, h), Image.NEAREST)

@@ -26,9 +26,7 @@ def evaluate_encoder(encoder: torch.nn.Module, images: np.ndarray, labels: np.nd
                      linear_lr: float = 0.1, seed: int = 0, batch_size: int = 128) -> dict:
     """images uint8 ``N x H x W x 3``, integer labels ``N`` -> {"knn_top1", "linear_top1", sizes}."""
     train, test = stratified_split(labels, test_fraction, seed)
-    if not images.flags.writeable:  # e.g. a view of an Arrow buffer; torch wants writable memory
-        images = images.copy()
-    feats = extract_features(encoder, torch.from_numpy(images), batch_size=batch_size)
+    feats = extract_features(encoder, images, batch_size=batch_size)
     y = torch.from_numpy(labels.astype(np.int64))
     num_classes = int(labels.max()) + 1
     knn = knn_accuracy(feats[train], y[train], feats[test], y[test], k=k, T=temperature, num_classes=num_classes)
@@ -40,9 +38,7 @@ def evaluate_encoder(encoder: torch.nn.Module, images: np.ndarray, labels: np.nd
 def knn_monitor(encoder: torch.nn.Module, images: np.ndarray, labels: np.ndarray, train: np.ndarray,
                 test: np.ndarray, *, k: int = 20, temperature: float = 0.07, batch_size: int = 256) -> float:
     """kNN top-1 of the ``test`` images against the ``train`` bank (the online monitor during pretraining)."""
-    if not images.flags.writeable:
-        images = images.copy()
-    feats = extract_features(encoder, torch.from_numpy(images), batch_size=batch_size)
+    feats = extract_features(encoder, images, batch_size=batch_size)
     y = torch.from_numpy(labels.astype(np.int64))
     return knn_accuracy(feats[train], y[train], feats[test], y[test], k=k, T=temperature,
                         num_classes=int(labels.max()) + 1)

@@ -7,7 +7,6 @@ CNN (timm ResNet, :class:`~tasks.models.backbone.TinyConvNet`): the ``forward_fe
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,9 +41,6 @@ def dense_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 3
     is restored.
     Memory: ``N * D * h * w * 4`` bytes (367 images, ViT-S/16 at 448 px: 0.44 GB).
     """
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = images.copy()  # e.g. a view of an Arrow buffer; torch wants writable memory
-    images = torch.as_tensor(images)
     if not len(images):
         raise ValueError("dense_features got no images")
     return extract_features(encoder, images, batch_size, device, forward=lambda x: _patch_map(encoder, x))

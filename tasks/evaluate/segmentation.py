@@ -15,13 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.data.segmentation import hw_size
+
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _hw(size: int | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _check_masks(masks: torch.Tensor, num_classes: int, ignore_index: int, what: str) -> None:
@@ -85,7 +83,7 @@ def linear_segmentation(train_feats: torch.Tensor, train_masks, val_feats: torch
     Returns ``{"miou", "per_class_iou", "pred" (uint8 [N_val, *out_size]), "target" (the val masks at
     out_size), "train_loss" (mean over the last epoch)}``.
     """
-    size = _hw(out_size)
+    size = hw_size(out_size)
     device = train_feats.device
     x, xv = train_feats.float(), val_feats.float().to(device)
     y, yv = _resize_masks(train_masks, size).to(device), _resize_masks(val_masks, size)

@@ -9,6 +9,7 @@ without network access, pass a local file, either our own ``checkpoint=`` (a sta
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,15 +126,18 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+def extract_features(model: nn.Module, images, batch_size: int = 256,
                      device: torch.device | str | None = None, forward=None) -> torch.Tensor:
     """Pooled features ``[N, D]`` (float32, on CPU) in eval mode; the model's train/eval mode is restored.
 
     uint8 images (``NxHxWx3`` or ``Nx3xHxW``) are normalised with :func:`normalize`; float images (either
     layout) are taken as already normalised. Features are not L2-normalised here (k-NN normalises itself).
     ``forward(batch)`` replaces ``model(batch).flatten(1)`` (e.g. dense maps,
-    :func:`tasks.evaluate.dense.dense_features`).
+    :func:`tasks.evaluate.dense.dense_features`). ``images``: a tensor or a numpy array (a read-only one,
+    e.g. a view of an Arrow buffer, is copied: torch wants writable memory).
     """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images if images.flags.writeable else images.copy())
     device = torch.device(device) if device is not None else next(model.parameters()).device
     forward = forward or (lambda x: model(x).flatten(1))
     was_training = model.training
