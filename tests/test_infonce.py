@@ -80,3 +80,49 @@ def test_queue_many_steps_matches_reference_ring():
         ring = (ring + keys.flatten().tolist())[-size:]
     order = torch.cat([mq.queue[int(mq.ptr):], mq.queue[:int(mq.ptr)]]).flatten().tolist()
     assert order == ring
+
+
+@pytest.mark.parametrize("B,K", [(7, 33), (300, 1000)])
+def test_fused_cpu_path_equals_plain_expression_and_its_gradients(B, K):
+    from tasks.pretrain.losses import infonce
+
+    q = (_unit(B, 16, seed=20) * 3).requires_grad_()  # not unit: the identity must not rely on norms
+    k = _unit(B, 16, seed=21).requires_grad_()
+    queue = _unit(K, 16, seed=22)
+    w = torch.rand(B, generator=torch.Generator().manual_seed(23))
+    assert infonce._fused(q, queue)
+    got = InfoNCEQueueLoss(0.1, reduction="none")(q, k, queue)
+    (got * w).sum().backward()
+    gq, gk = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    qs = q / 0.1
+    pos = (qs * k).sum(1)
+    expected = torch.logaddexp(pos, torch.logsumexp(qs @ queue.t(), 1)) - pos
+    (expected * w).sum().backward()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(gq, q.grad, atol=1e-5, rtol=1e-4) and torch.allclose(gk, k.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_cpu_path_gradcheck():
+    from tasks.pretrain.losses.infonce import _QueueInfoNCE
+
+    q = _unit(5, 8, seed=30).double().requires_grad_()
+    k = _unit(5, 8, seed=31).double().requires_grad_()
+    queue = _unit(12, 8, seed=32).double()
+    assert torch.autograd.gradcheck(lambda a, b: _QueueInfoNCE.apply(a * 4, b, queue, torch.float64), (q, k))
+
+
+def test_fused_cpu_path_under_bf16_autocast_stays_close_to_fp32():
+    q = _unit(256, 128, seed=40).requires_grad_()
+    k = F.normalize(q.detach() + 0.3 * _unit(256, 128, seed=41), dim=1)
+    queue = _unit(4096, 128, seed=42)
+    crit = InfoNCEQueueLoss(0.2, reduction="none")
+    exact = crit(q, k, queue)
+    exact.mean().backward()
+    g_exact, q.grad = q.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = crit(q, k, queue)
+    low.mean().backward()
+    assert low.dtype == torch.float32
+    assert (low - exact).abs().max() < 2e-3
+    assert (q.grad - g_exact).norm() < 0.02 * g_exact.norm()
