@@ -67,7 +67,7 @@ def fit_direction(tokens: torch.Tensor, foreground_fraction: float) -> tuple[np.
 
 
 def score_maps(tokens: torch.Tensor, u: np.ndarray) -> np.ndarray:
-    return (tokens @ torch.from_numpy(np.asarray(u, np.float32))).numpy()
+    return (tokens @ torch.as_tensor(np.array(u, np.float32))).numpy()  # a copy: u may be read-only (Arrow)
 
 
 def upsample_nearest(grid: np.ndarray, size: int) -> np.ndarray:
