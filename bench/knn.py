@@ -17,6 +17,8 @@ issue's 0.335) and the random init, also with BN statistics recomputed on the da
 Needs ../shared/data/imagenette224 (skipped with a comment otherwise). Quick: 30 s per run, 100 train
 images per class; full: 420 s per run, all 3,000 train and 1,000 val images -- on 2 CPU cores neither budget is near a
 real pretraining, so the absolute accuracies stay low; the figures are comparisons at equal budget.
+``BENCH_KNN_METHODS=mocov3,byol`` runs only those methods; ``BENCH_KNN_SEED=N`` (default 0) changes the shared
+initial weights, the view draws and the batch order of both sides (a second seed of the same comparison).
 """
 from __future__ import annotations
 
@@ -152,7 +154,9 @@ def run(quick: bool = False) -> None:
           f"batch {BATCH}, {budget:.0f} s of step time per run (loaded in {time.perf_counter() - t0:.0f} s)")
     from tasks.models.backbone import build_backbone
 
-    torch.manual_seed(0)
+    seed = int(os.environ.get("BENCH_KNN_SEED", 0))
+    wanted = [m for m in os.environ.get("BENCH_KNN_METHODS", "").split(",") if m]
+    torch.manual_seed(seed)
     base, feat_dim = build_backbone("resnet18", cifar_stem=CIFAR_STEM)
     pixels = _knn(train.reshape(len(train), -1), y_train, val.reshape(len(val), -1), y_val)
     p16_train, p16_val = _pixel_features(train, val)
@@ -162,11 +166,18 @@ def run(quick: bool = False) -> None:
     print(f"# knn: raw pixels {pixels:.3f} at {SIZE} px, {pixels16:.3f} at 16 px standardised (the data README's "
           f"floor: 0.335 on the full set), random init {random_init:.3f} (BN statistics from the data: {random_bn:.3f})")
     floor = max(pixels, pixels16, random_init, random_bn, RAW_PIXEL_FLOOR)
-    for name, (model, ours, lightly) in _pairs(base, feat_dim).items():
+    pairs = _pairs(base, feat_dim)
+    unknown = sorted(set(wanted) - set(pairs))
+    if unknown:
+        raise SystemExit(f"BENCH_KNN_METHODS: unknown {unknown}; known: {sorted(pairs)}")
+    print(f"# knn: seed {seed}" + (f", methods {','.join(wanted)}" if wanted else ""))
+    for name, (model, ours, lightly) in pairs.items():
+        if wanted and name not in wanted:
+            continue
         augments = model.view_augments(SIZE)
-        n_ours = _train(ours, augments, train, budget)
+        n_ours = _train(ours, augments, train, budget, seed=seed)
         acc_ours = _encoder_knn(ours.backbone, train, y_train, val, y_val)
-        n_l = _train(lightly, augments, train, budget)
+        n_l = _train(lightly, augments, train, budget, seed=seed)
         acc_l = _encoder_knn(lightly.backbone, train, y_train, val, y_val)
         se = (acc_ours * (1 - acc_ours) / len(val)) ** 0.5  # binomial standard error of one top-1 on this val set
         print(f"# knn: {name}: ours {acc_ours:.3f} (+-{se:.3f} s.e.) after {n_ours} steps, lightly {acc_l:.3f} "
