@@ -22,7 +22,7 @@ class InfoNCEQueueLoss(nn.Module):
     expression. Both keep logits, logsumexp and the positive in (at least) fp32. Under a bf16 CPU autocast
     the fused kernel reads q and the queue rounded to bf16 (its matmuls accumulate in fp32): q is the output
     of a bf16 head there anyway, so this adds the same ~0.4 % relative rounding a second time (measured on
-    the DenseCL shape: logsumexp within 2e-4, gradients within 1 %), for 4.6 ms instead of 16.5.
+    the DenseCL shape: loss within 2e-4, gradient within 1e-4 of its norm), for 4.6 ms instead of 16.5.
     """
 
     def __init__(self, temperature: float = 0.2, reduction: str = "mean"):
