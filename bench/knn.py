@@ -37,6 +37,12 @@ SIZE, BATCH, CIFAR_STEM = 32, 128, True
 # MoCo v2 / DenseCL key-encoder momentum on both sides: 0.999 is an EMA time constant of 1000 steps, longer
 # than a budget's run, so the keys would come from a nearly random encoder; 0.99 suits runs of a few hundred.
 MOMENTUM = 0.99
+# Loss scale: our BYOL loss is the paper's, per image l(p1, z2) + l(p2, z1) with l = 2 - 2cos; lightly's
+# example halves the sum of -cos, so ours has 4x its gradient. Under SGD the same update then needs lr / 4
+# (and weight decay x 4, so that lr * wd stays); the comparison is of implementations of one recipe, so ours
+# gets the lr that makes its update lightly's.
+# (MoCo v2/v3, SwAV and DenseCL use the same loss scale on both sides.)
+LR_SCALE = {"byol": 0.25}
 RAW_PIXEL_FLOOR = 0.335  # the raw-pixel kNN on this set; the goal is the max of it and our baselines
 
 
@@ -129,7 +135,9 @@ def _pairs(base, feat_dim):
     out["mocov2"] = (moco, M._ours(moco), B._lightly_step(base, feat_dim, momentum=MOMENTUM))
     for name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
-        out[name] = (m, M._ours(m), L._lightly_two_view(base, feat_dim, False, name))
+        scale = LR_SCALE.get(name, 1.0)
+        out[name] = (m, M._ours(m, lr=M.LR * scale, weight_decay=1e-4 / scale),
+                     L._lightly_two_view(base, feat_dim, False, name))
     swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                               num_prototypes=M.PROTOTYPES, num_local_crops=2)
     out["swav"] = (swav, M._ours(swav), L._lightly_swav(base, feat_dim, False))

@@ -91,14 +91,14 @@ def _fixed_grad(out: torch.Tensor, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- our steps
 
 
-def _ours(model: nn.Module) -> Step:
+def _ours(model: nn.Module, lr: float = LR, weight_decay: float = 1e-4) -> Step:
     """``train_step`` with SGD, the method in channels_last and the stage's default precision."""
     model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, lr=LR)
+    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay)
     state = {"step": 0}
 
     def step(views):
-        train_step(model, opt, views, state["step"], MAX_STEPS, LR, autocast_dtype=AUTOCAST)
+        train_step(model, opt, views, state["step"], MAX_STEPS, lr, autocast_dtype=AUTOCAST)
         state["step"] += 1
     step.backbone = model.backbone  # what bench/knn.py evaluates after training
     return step
