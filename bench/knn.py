@@ -136,7 +136,7 @@ def _pairs(base, feat_dim):
     for name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
         scale = LR_SCALE.get(name, 1.0)
-        out[name] = (m, M._ours(m, lr=M.LR * scale, weight_decay=1e-4 / scale),
+        out[name] = (m, M._ours(m, lr=M.LR * scale, weight_decay=M.WD / scale),
                      L._lightly_two_view(base, feat_dim, False, name))
     swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                               num_prototypes=M.PROTOTYPES, num_local_crops=2)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import autocast
-from bench.methods import HIDDEN, LR, MAX_STEPS, OUT, PROTOTYPES, QUEUE, Step, _nhwc
+from bench.methods import HIDDEN, LR, MAX_STEPS, OUT, PROTOTYPES, QUEUE, WD, Step, _nhwc
 
 
 def _lightly_sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WD)
 
 
 def _frozen_twin(module: nn.Module) -> nn.Module:

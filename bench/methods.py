@@ -55,7 +55,7 @@ from bench.common import AUTOCAST, autocast, interleaved_medians, median_ratio, 
 from tasks.models.backbone import build_backbone
 from tasks.pretrain.loop import build_optimizer, train_step
 
-HIDDEN, LR, MAX_STEPS, QUEUE = 2048, 0.03, 10_000, 4096
+HIDDEN, LR, WD, MAX_STEPS, QUEUE = 2048, 0.03, 1e-4, 10_000, 4096
 OUT = {"mocov3": 256, "byol": 256, "swav": 128, "densecl": 128}
 PROTOTYPES = 3000
 METHOD_NAMES = ("mocov3", "byol", "swav", "densecl")
@@ -91,7 +91,7 @@ def _fixed_grad(out: torch.Tensor, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- our steps
 
 
-def _ours(model: nn.Module, lr: float = LR, weight_decay: float = 1e-4) -> Step:
+def _ours(model: nn.Module, lr: float = LR, weight_decay: float = WD) -> Step:
     """``train_step`` with SGD, the method in channels_last and the stage's default precision."""
     model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, lr=lr, weight_decay=weight_decay)
