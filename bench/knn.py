@@ -141,7 +141,8 @@ def _pairs(base, feat_dim):
     swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                               num_prototypes=M.PROTOTYPES, num_local_crops=2)
     out["swav"] = (swav, M._ours(swav), L._lightly_swav(base, feat_dim, False))
-    dense = get_method("densecl")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["densecl"],
+    # DenseCL's heads are C5-wide (its default; lightly's side in bench.lightly_steps likewise).
+    dense = get_method("densecl")(copy.deepcopy(base), feat_dim, hidden_dim=feat_dim, out_dim=M.OUT["densecl"],
                                   queue_size=M.QUEUE, momentum=MOMENTUM)
     out["densecl"] = (dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False, momentum=MOMENTUM))
     return out

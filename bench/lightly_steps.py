@@ -148,8 +148,9 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: fl
         def __init__(self, backbone: nn.Module):
             super().__init__()
             self.backbone = backbone
-            self.projection_head_global = DenseCLProjectionHead(feat_dim, HIDDEN, out)
-            self.projection_head_local = DenseCLProjectionHead(feat_dim, HIDDEN, out)
+            # hidden = the C5 width, as lightly's example (512, 512, 128 on resnet18) and the paper (2048 on R50)
+            self.projection_head_global = DenseCLProjectionHead(feat_dim, feat_dim, out)
+            self.projection_head_local = DenseCLProjectionHead(feat_dim, feat_dim, out)
             self.backbone_momentum = _frozen_twin(self.backbone)
             self.projection_head_global_momentum = _frozen_twin(self.projection_head_global)
             self.projection_head_local_momentum = _frozen_twin(self.projection_head_local)

@@ -34,8 +34,10 @@ over rounds, after warm-up, of the ratio within each round):
     (Linear-BN-ReLU-Linear, no bias), update_momentum + cosine_schedule(0.99 -> 1), and the paper's
     ``ctr(q1, k2) + ctr(q2, k1)`` (in-batch negatives) written here in plain torch.
 
-Head sizes are identical between ours and lightly's: hidden 2048, out 256 (MoCo v3, BYOL) or 128 (SwAV,
-DenseCL); SwAV has 3000 prototypes, DenseCL (and the MoCo v2 it is compared with) a 4096-entry queue.
+Head sizes are identical between ours and lightly's: hidden 2048, out 256 (MoCo v3, BYOL) or 128 (SwAV);
+DenseCL's two heads (and the MoCo v2 head it is compared with) are C5-wide, 512 -> 512 -> 128, as the paper's
+2048 -> 2048 -> 128 on ResNet-50 and lightly's resnet18 example (their default here). SwAV has 3000
+prototypes, DenseCL (and its MoCo v2) a 4096-entry queue.
 ``densecl.step_over_mocov2`` times our MoCo v2 step (same head sizes, same queue) in the same rounds.
 
 ``BENCH_METHODS_TINY=1`` shrinks everything (batch 8, 32 px, 1 round) for a smoke test; its numbers mean
@@ -233,8 +235,9 @@ def _densecl(quick: bool) -> None:
 
     sz, base, feat_dim = _setup(quick)
     out = OUT["densecl"]
-    model = DenseCL(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=out, queue_size=QUEUE)
-    moco = MoCoV2(copy.deepcopy(base), feat_dim, hidden_dim=HIDDEN, out_dim=out, queue_size=QUEUE)
+    # Both heads' hidden width is the backbone's C5 width (the methods' default, see DenseCL's docstring).
+    model = DenseCL(copy.deepcopy(base), feat_dim, hidden_dim=feat_dim, out_dim=out, queue_size=QUEUE)
+    moco = MoCoV2(copy.deepcopy(base), feat_dim, hidden_dim=feat_dim, out_dim=out, queue_size=QUEUE)
     views = _views(model, sz)
     steps = {
         "bare": _bare(base, [[0]], [1], dense=True),
@@ -248,7 +251,7 @@ def _densecl(quick: bool) -> None:
           f"dense loss), {flops['ours'] / flops['bare']:.3f}x the bare backbone's (MoCo v2: "
           f"{flops['mocov2'] / flops['bare']:.3f}x): where the step is compute-bound these ratios are floors for "
           "step_over_mocov2 and step_over_backbone")
-    times = _time("densecl", sz, views, steps, f"heads {HIDDEN}->{out}, queues {QUEUE}")
+    times = _time("densecl", sz, views, steps, f"heads {feat_dim}->{feat_dim}->{out}, queues {QUEUE}")
     report("densecl.step_over_backbone", median_ratio(times, "ours", "bare"), "<=1.05")
     report("densecl.step_over_mocov2", median_ratio(times, "ours", "mocov2"), "<=1.01")
     _report_lightly("densecl", times)

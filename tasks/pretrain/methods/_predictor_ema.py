@@ -48,8 +48,9 @@ class PredictorEMA(Method):
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
                 pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x1, x2 = views
-        p1, p2 = self.online(x1), self.online(x2)
+        # Target passes first: see "Order of passes" in Method's docstring.
         z1, z2 = self.momentum_target(x1), self.momentum_target(x2)
+        p1, p2 = self.online(x1), self.online(x2)
         # Image i's own term is both directions, so the mean over images is the symmetrised loss.
         per_image = self.pair_loss(p1, z2) + self.pair_loss(p2, z1)
         with torch.no_grad():

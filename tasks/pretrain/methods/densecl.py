@@ -35,19 +35,20 @@ class DenseCL(MoCoV2):
 
     Dense head: 1x1 conv -> ReLU -> 1x1 conv -> L2 norm per location. A 1x1 conv is a Linear over the
     channels of each location, so it is ``mocov2_head(feat_dim, hidden_dim, out_dim)`` (the paper uses the
-    same widths as the global head) applied to the ``[N, S2, C]`` tokens of the map: one matmul.
+    same widths as the global head: C5 channels -> C5 channels -> 128, the default here as in MoCo v2) applied
+    to the ``[N, S2, C]`` tokens of the map: one matmul.
     ``dense_weight`` is lambda; ``warmup_steps_dense`` sets lambda = 0 for the first steps (the optional
     DenseCLWarmupHook, default off). Other options are MoCo v2's.
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128,
+    def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int | None = None, out_dim: int = 128,
                  queue_size: int = 65536, dense_queue_size: int | None = None, dense_weight: float = 0.5,
                  warmup_steps_dense: int = 0, **moco_kwargs: Any):
         super().__init__(backbone, feat_dim, hidden_dim=hidden_dim, out_dim=out_dim, queue_size=queue_size,
                          **moco_kwargs)
         if not 0.0 <= dense_weight <= 1.0:
             raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
-        self.dense_head = mocov2_head(feat_dim, hidden_dim, out_dim)
+        self.dense_head = mocov2_head(feat_dim, hidden_dim or feat_dim, out_dim)
         self.dense_head_k = copy_and_freeze(self.dense_head)
         self.dense_queue = MemoryQueue(dense_queue_size or queue_size, out_dim)
         self.dense_weight, self.warmup_steps_dense = dense_weight, warmup_steps_dense
@@ -74,8 +75,9 @@ class DenseCL(MoCoV2):
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
                 pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x_q, x_k = views
-        q, r, _, f_q = self.encode(self.backbone, self.head, self.dense_head, x_q)
+        # Key pass first: see "Order of passes" in Method's docstring.
         k, t, t_pooled, f_k = self.key_forward(partial(self.encode, self.backbone_k, self.head_k, self.dense_head_k), x_k)
+        q, r, _, f_q = self.encode(self.backbone, self.head, self.dense_head, x_q)
         with torch.no_grad():
             match = dense_correspondence(f_q.detach(), f_k)
             t_pos = t.gather(1, match.unsqueeze(-1).expand_as(t))

@@ -21,7 +21,7 @@ from tasks.pretrain.schedules import cosine_schedule
 
 
 class MoCoV2(Method):
-    """MoCo v2 per METHODS.md 7.1: head feat->2048->ReLU->128 (no BN), m=0.999, K=65536, tau=0.2.
+    """MoCo v2 per METHODS.md 7.1: head feat->feat->ReLU->128 (no BN; 2048 wide on ResNet-50), m=0.999, K=65536, tau=0.2.
 
     ``momentum_cosine=True`` ramps m from ``momentum`` to 1 (BYOL-style) instead of keeping it constant.
     ``channels_last`` runs conv backbones in NHWC, which oneDNN (CPU) and cuDNN (AMP) convolve faster;
@@ -30,14 +30,16 @@ class MoCoV2(Method):
     all-gathered before enqueue), and broadcasting it would copy ``queue_size x out_dim`` floats per step.
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int = 2048, out_dim: int = 128,
+    def __init__(self, backbone: nn.Module, feat_dim: int, *, hidden_dim: int | None = None, out_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,
                  momentum_cosine: bool = False, shuffle_bn: bool = True, channels_last: bool = True):
         super().__init__(backbone, feat_dim)
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.head = mocov2_head(feat_dim, hidden_dim, out_dim)
+        # hidden_dim None = the backbone's feature width: the paper's 2048 -> 2048 -> 128 on ResNet-50 (METHODS.md),
+        # 512 -> 512 -> 128 on ResNet-18 as lightly's resnet18 examples.
+        self.head = mocov2_head(feat_dim, hidden_dim or feat_dim, out_dim)
         self.backbone_k = copy_and_freeze(self.backbone)
         self.head_k = copy_and_freeze(self.head)
         self.queue = MemoryQueue(queue_size, out_dim)
@@ -68,8 +70,9 @@ class MoCoV2(Method):
     def forward(self, views: list[torch.Tensor], step: int, max_steps: int,
                 pair_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x_q, x_k = views
-        q = self.embed(self.backbone, self.head, x_q)
+        # Key pass first: see "Order of passes" in Method's docstring.
         k = self.key_forward(partial(self.embed, self.backbone_k, self.head_k), x_k)
+        q = self.embed(self.backbone, self.head, x_q)
         # The queue is read here and only written in after_step (after backward), so no defensive clone.
         loss = self.reduce(self.criterion(q, k, self.queue.queue, reduction="none"), pair_weights)
         self._keys = k

@@ -169,11 +169,11 @@ class NeCo(Method):
             raise ValueError(f"neco expects {n_views} views (2 global + {self.num_local} local), got {len(views)}")
         b = views[0].shape[0]
         glob = torch.cat(views[:NUM_GLOBAL])
+        with torch.no_grad():  # teacher pass first: see "Order of passes" in Method's docstring
+            teacher = patch_map(self.teacher_backbone, self.teacher_head, glob).split(b)
         student = list(patch_map(self.backbone, self.head, glob).split(b))
         if self.num_local:
             student += list(patch_map(self.backbone, self.head, torch.cat(views[NUM_GLOBAL:])).split(b))
-        with torch.no_grad():
-            teacher = patch_map(self.teacher_backbone, self.teacher_head, glob).split(b)
         boxes = boxes.to(student[0].device)
         flipped = boxes[..., 4] > 0.5
         sizes = [v.shape[-1] for v in views]
