@@ -29,6 +29,9 @@ class MLPHead(nn.Sequential):
         self.dims = list(dims)
 
 
-def mocov2_head(feat_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> MLPHead:
-    """MoCo v2 projector (Chen et al. 2020, arXiv 2003.04297 sec. 3): feat -> 2048 -> ReLU -> 128, no BN."""
-    return MLPHead([feat_dim, hidden_dim, out_dim])
+def mocov2_head(feat_dim: int, hidden_dim: int | None = None, out_dim: int = 128) -> MLPHead:
+    """MoCo v2 projector (Chen et al. 2020, arXiv 2003.04297 sec. 3): feat -> hidden -> ReLU -> 128, no BN.
+
+    ``hidden_dim`` None = ``feat_dim``: the paper's 2048 -> 2048 -> 128 on ResNet-50 (METHODS.md), 512 -> 512
+    -> 128 on ResNet-18 as lightly's resnet18 examples. DenseCL's dense head has the same widths."""
+    return MLPHead([feat_dim, feat_dim if hidden_dim is None else hidden_dim, out_dim])

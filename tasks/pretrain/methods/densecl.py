@@ -48,7 +48,7 @@ class DenseCL(MoCoV2):
                          **moco_kwargs)
         if not 0.0 <= dense_weight <= 1.0:
             raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
-        self.dense_head = mocov2_head(feat_dim, hidden_dim or feat_dim, out_dim)
+        self.dense_head = mocov2_head(feat_dim, hidden_dim, out_dim)
         self.dense_head_k = copy_and_freeze(self.dense_head)
         self.dense_queue = MemoryQueue(dense_queue_size or queue_size, out_dim)
         self.dense_weight, self.warmup_steps_dense = dense_weight, warmup_steps_dense

@@ -21,7 +21,7 @@ from tasks.pretrain.schedules import cosine_schedule
 
 
 class MoCoV2(Method):
-    """MoCo v2 per METHODS.md 7.1: head feat->feat->ReLU->128 (no BN; 2048 wide on ResNet-50), m=0.999, K=65536, tau=0.2.
+    """MoCo v2 per METHODS.md 7.1: head feat->feat->ReLU->128 (no BN), m=0.999, K=65536, tau=0.2.
 
     ``momentum_cosine=True`` ramps m from ``momentum`` to 1 (BYOL-style) instead of keeping it constant.
     ``channels_last`` runs conv backbones in NHWC, which oneDNN (CPU) and cuDNN (AMP) convolve faster;
@@ -37,9 +37,7 @@ class MoCoV2(Method):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        # hidden_dim None = the backbone's feature width: the paper's 2048 -> 2048 -> 128 on ResNet-50 (METHODS.md),
-        # 512 -> 512 -> 128 on ResNet-18 as lightly's resnet18 examples.
-        self.head = mocov2_head(feat_dim, hidden_dim or feat_dim, out_dim)
+        self.head = mocov2_head(feat_dim, hidden_dim, out_dim)  # hidden_dim None: feat_dim wide
         self.backbone_k = copy_and_freeze(self.backbone)
         self.head_k = copy_and_freeze(self.head)
         self.queue = MemoryQueue(queue_size, out_dim)
