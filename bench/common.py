@@ -58,3 +58,46 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def report(name: str, value: float, goal: str) -> None:
     print(f"BENCH {name} {value:.3f} {goal}")
+
+
+def train_for_budget(step, augments, images, budget_s: float, batch: int, seed: int = 0, overlap=None,
+                     before=None) -> int:
+    """Calls ``step(views, steps, inputs)`` on random batches of ``images`` (numpy, drawn without replacement,
+    views from ``augments`` with one seeded generator) until ``budget_s`` seconds of step time; returns the
+    number of steps. Only the step is timed, and not the first one: it builds oneDNN's kernels for every
+    shape (seconds), on every side of a comparison alike. ``before(idx, steps)``, if given, returns the
+    step's extra inputs (the data side's token masks, cluster ids), untimed; with ``overlap`` each image's
+    crops are drawn to overlap and ``inputs["boxes"]`` carries their geometry (NeCo's ROI-Align)."""
+    import numpy as np
+
+    from tasks.data.transforms import MultiView, geometry_tensor
+
+    mv = MultiView(augments, seed=seed, overlap=overlap)
+    rng = np.random.default_rng(seed)
+    spent, steps = 0.0, 0
+    while spent < budget_s:
+        idx = rng.choice(len(images), batch, replace=False)
+        views, geoms = mv([images[i] for i in idx], with_geometry=True)
+        inputs = dict(before(idx, steps)) if before is not None else {}
+        if overlap is not None:
+            inputs["boxes"] = geometry_tensor(geoms)
+        t0 = time.perf_counter()
+        step(views, steps, inputs)
+        if steps:
+            spent += time.perf_counter() - t0
+        steps += 1
+    return steps
+
+
+def method_stepper(method, optimizer: str, lr: float, wd: float, betas=(0.9, 0.999), warmup: int = 10):
+    """``step(views, s, inputs)`` for :func:`train_for_budget`: our ``train_step`` at the pretrain stage's
+    precision (``AUTOCAST``), lr warmed up linearly over ``warmup`` steps then constant (a budget of
+    minutes has no schedule horizon to anneal to)."""
+    from tasks.pretrain.loop import build_optimizer, train_step
+
+    opt = build_optimizer(method, optimizer, lr, 0.9, wd, betas=betas)
+
+    def step(views, s, inputs):
+        return train_step(method, opt, views, s, 10 ** 6, lr * min(1.0, (s + 1) / warmup), autocast_dtype=AUTOCAST,
+                          **inputs)
+    return step

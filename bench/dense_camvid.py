@@ -26,10 +26,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench.common import AUTOCAST, report, setup_threads
+from bench.common import method_stepper, report, setup_threads, train_for_budget
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 PRETRAIN_SIZE, EVAL_SIZE, OUT_SIZE, CLASSES = 64, 128, 64, 11
@@ -40,38 +39,6 @@ def _frames(split: str, size: int, limit: int | None):
     from tasks.data.segmentation import load_segmentation_split
 
     return load_segmentation_split(str(DATA), split, size, limit, ignore_values=(11,), num_classes=CLASSES)
-
-
-def _train(step, augments, images, budget_s: float, batch: int, overlap=None, before=None) -> int:
-    """Steps until ``budget_s`` of step time (the first step, which builds kernels, not counted)."""
-    from tasks.data.transforms import MultiView, geometry_tensor
-
-    mv = MultiView(augments, seed=0, overlap=overlap)
-    rng = np.random.default_rng(0)
-    spent, steps = 0.0, 0
-    while spent < budget_s:
-        idx = rng.choice(len(images), batch, replace=False)
-        views, geoms = mv([images[i] for i in idx], with_geometry=True)
-        inputs = before(steps, batch) if before is not None else {}
-        if overlap is not None:
-            inputs["boxes"] = geometry_tensor(geoms)
-        t0 = time.perf_counter()
-        step(views, steps, inputs)
-        if steps:
-            spent += time.perf_counter() - t0
-        steps += 1
-    return steps
-
-
-def _stepper(method, optimizer: str, lr: float, wd: float, betas=(0.9, 0.999), warmup: int = 10):
-    from tasks.pretrain.loop import build_optimizer, train_step
-
-    opt = build_optimizer(method, optimizer, lr, 0.9, wd, betas=betas)
-
-    def step(views, s, inputs):
-        return train_step(method, opt, views, s, 10 ** 6, lr * min(1.0, (s + 1) / warmup), autocast_dtype=AUTOCAST,
-                          **inputs)
-    return step
 
 
 # ---------------------------------------------------------------------------------------------- DenseCL
@@ -104,7 +71,8 @@ def densecl_vs_mocov2(quick: bool, budget: float) -> None:
     for name in ("mocov2", "densecl"):
         method = get_method(name)(copy.deepcopy(base), dim, queue_size=4096).to(memory_format=torch.channels_last)
         t0 = time.perf_counter()
-        steps = _train(_stepper(method, "sgd", 0.03, 1e-4), method.view_augments(PRETRAIN_SIZE), frames, budget, 64)
+        steps = train_for_budget(method_stepper(method, "sgd", 0.03, 1e-4), method.view_augments(PRETRAIN_SIZE), frames,
+                                 budget, 64)
         out[name] = _linear_miou(method.backbone, train, val)
         print(f"# dense_camvid: {name}: linear mIoU {out[name]:.3f} after {steps} steps "
               f"({time.perf_counter() - t0:.0f} s wall)")
@@ -139,19 +107,19 @@ def neco_vs_start(quick: bool, budget: float) -> None:
         return out
 
     mae = get_method("mae")(fixed, dim, decoder_dim=128, decoder_depth=2, decoder_heads=4)
-    step = _stepper(mae, "adamw", 1e-3, 0.05, betas=(0.9, 0.95))
-    n_mae = _train(step, mae.view_augments(PRETRAIN_SIZE), frames, budget, 64,
-                   before=lambda s, b: mae.collate(b, s, 0))
+    step = method_stepper(mae, "adamw", 1e-3, 0.05, betas=(0.9, 0.95))
+    n_mae = train_for_budget(step, mae.view_augments(PRETRAIN_SIZE), frames, budget, 64,
+                             before=lambda idx, s: mae.collate(len(idx), s, 0))
     start = as_dynamic(mae.backbone)
     start_miou = _hbird_miou(start, train, val)
     # control: the same budget again on MAE
-    n_more = _train(step, mae.view_augments(PRETRAIN_SIZE), frames, budget, 64,
-                    before=lambda s, b: mae.collate(b, n_mae + s, 0))
+    n_more = train_for_budget(step, mae.view_augments(PRETRAIN_SIZE), frames, budget, 64,
+                              before=lambda idx, s: mae.collate(len(idx), n_mae + s, 0))
     longer = _hbird_miou(as_dynamic(mae.backbone), train, val)
 
     neco = get_method("neco")(copy.deepcopy(start), dim, momentum=0.996)
-    n_neco = _train(_stepper(neco, "adamw", 1e-4, 0.04), neco.view_augments(PRETRAIN_SIZE), frames, budget, 16,
-                    overlap=neco.view_overlap, before=lambda s, b: neco.collate(b, s, 0))
+    n_neco = train_for_budget(method_stepper(neco, "adamw", 1e-4, 0.04), neco.view_augments(PRETRAIN_SIZE), frames,
+                              budget, 16, overlap=neco.view_overlap, before=lambda idx, s: neco.collate(len(idx), s, 0))
     post = _hbird_miou(neco.backbone, train, val)
     print(f"# dense_camvid: ViT 192 x 6, patch 8, 4 registers; Hummingbird mIoU on CamVid val ({len(val.images)} "
           f"images at {EVAL_SIZE} px, memory {len(train.images)} train images): start (MAE, {n_mae} steps) "

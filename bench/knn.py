@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import report, setup_threads
+from bench.common import report, setup_threads, train_for_budget
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224"
 SIZE, BATCH, CIFAR_STEM = 32, 128, True
@@ -101,27 +101,6 @@ def _with_data_bn_stats(backbone, images: np.ndarray, batches: int = 8) -> torch
     return enc.eval()
 
 
-def _train(step, augments, images, budget_s: float, seed: int = 0, before=None) -> int:
-    """Steps until ``budget_s`` of step time; ``before(idx, step)``, if given, runs untimed before each step
-    (the data side's per-step inputs, e.g. token masks)."""
-    from tasks.data.transforms import MultiView
-
-    mv = MultiView(augments, seed=seed)
-    rng = np.random.default_rng(seed)
-    spent, steps = 0.0, 0
-    while spent < budget_s:
-        idx = rng.choice(len(images), BATCH, replace=False)
-        views = mv([images[i] for i in idx])
-        if before is not None:
-            before(idx, steps)
-        t0 = time.perf_counter()
-        step(views)
-        if steps:  # the first step builds oneDNN's kernels for every shape (seconds): not counted, on both sides
-            spent += time.perf_counter() - t0
-        steps += 1
-    return steps
-
-
 def _pairs(base, feat_dim):
     """method -> (our model, our step, lightly's step or None); identical head sizes on both sides."""
     from bench import lightly_steps as L
@@ -184,9 +163,9 @@ def run(quick: bool = False) -> None:
         if wanted and name not in wanted:
             continue
         augments = model.view_augments(SIZE)
-        n_ours = _train(ours, augments, train, budget, seed=seed)
+        n_ours = train_for_budget(lambda v, s, i: ours(v), augments, train, budget, BATCH, seed=seed)
         acc_ours = _encoder_knn(ours.backbone, train, y_train, val, y_val)
-        n_l = _train(lightly, augments, train, budget, seed=seed)
+        n_l = train_for_budget(lambda v, s, i: lightly(v), augments, train, budget, BATCH, seed=seed)
         acc_l = _encoder_knn(lightly.backbone, train, y_train, val, y_val)
         se = (acc_ours * (1 - acc_ours) / len(val)) ** 0.5  # binomial standard error of one top-1 on this val set
         print(f"# knn: {name}: ours {acc_ours:.3f} (+-{se:.3f} s.e.) after {n_ours} steps, lightly {acc_l:.3f} "

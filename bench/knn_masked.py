@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from bench.common import report, setup_threads
-from bench.knn import DATA, _knn, _load, _pixel_features, _train
+from bench.common import method_stepper, report, setup_threads, train_for_budget
+from bench.knn import DATA, _knn, _load, _pixel_features
 
 SIZE, BATCH = 32, 128
 VIT = dict(img_size=SIZE, patch_size=4, embed_dim=192, depth=6, num_heads=3, class_token=False, global_pool="avg",
@@ -37,39 +37,17 @@ KWARGS = {"mae": DECODER, "mixedae": DECODER, "moce": {**DECODER, "num_experts":
 LR, WARMUP = 1e-3, 10
 
 
-def _step(method):
-    """``step(views)`` as bench.knn's loop calls it: our train_step with the method's per-step inputs (drawn
-    before the clock starts) and, for MoCE, each image's cluster id."""
-    from tasks.pretrain.loop import autocast_dtype, build_optimizer, train_step
-
-    opt = build_optimizer(method, "adamw", LR, 0.9, 0.05, betas=(0.9, 0.95))
-    dtype = autocast_dtype("auto", "cpu")
-    state = {"step": 0}
-
-    def step(views, inputs):
-        s = state["step"]
-        lr = LR * min(1.0, (s + 1) / WARMUP)
-        out = train_step(method, opt, views, s, 10**6, lr, autocast_dtype=dtype, **inputs)
-        state["step"] += 1
-        return out
-
-    return step
-
-
 def _train_method(method, images, budget, clusters=None) -> int:
-    step = _step(method)
-    box = {}
-
-    def timed(views):
-        return step(views, box["inputs"])
-
-    def before(idx, n):  # called by _train before each timed step: masks and cluster ids of this batch
-        inputs = method.collate(len(idx), n, 0)
+    """Our train_step with the method's per-step inputs (token masks; for MoCE each image's cluster id)
+    drawn before the clock starts, as the trainer's loader thread does."""
+    def before(idx, s):
+        inputs = method.collate(len(idx), s, 0)
         if clusters is not None:
             inputs["cluster"] = torch.as_tensor(clusters[idx])
-        box["inputs"] = inputs
+        return inputs
 
-    return _train(timed, method.view_augments(SIZE), images, budget, before=before)
+    step = method_stepper(method, "adamw", LR, 0.05, betas=(0.9, 0.95), warmup=WARMUP)
+    return train_for_budget(step, method.view_augments(SIZE), images, budget, BATCH, before=before)
 
 
 def _features(vit, images: np.ndarray) -> np.ndarray:
