@@ -66,7 +66,8 @@ def reference(model: DenseCL, vs: list[torch.Tensor]) -> dict[str, torch.Tensor]
     n, s2, d = r.shape
     glob = torch.stack([ntxent(model.queue.queue)(q[i:i + 1], k[i:i + 1]) for i in range(n)])
     dense = torch.stack([ntxent(model.dense_queue.queue)(r[i], t_pos[i]) for i in range(n)])
-    return {"global": glob, "dense": dense, "pooled_keys": F.normalize(t.mean(1), dim=1), "keys": F.normalize(k, dim=1)}
+    return {"global": glob, "dense": dense, "pooled_keys": F.normalize(t.mean(1), dim=1), "keys": F.normalize(k, dim=1),
+            "t_pos": t_pos}
 
 
 def step(model: DenseCL, opt, vs, i: int = 0, max_steps: int = 10) -> dict[str, float]:
@@ -137,18 +138,40 @@ def test_queues_hold_keys_dense_one_pooled_key_per_image():
     torch.testing.assert_close(model.queue.queue[:B], ref["keys"], rtol=0, atol=1e-5)
 
 
-def _enqueue_on_ranks(rank: int, world: int, vs: list[torch.Tensor]) -> torch.Tensor:
-    model = make()
+def test_locations_queue_holds_every_matched_key_as_lightlys_memory_bank():
+    """``dense_queue_keys="locations"``: the dense queue fills with the N*S^2 matched keys, in the order lightly's
+    NTXentLoss banks them (images, then locations), and the next step's dense loss reads them as negatives."""
+    model = make(momentum=0.9, dense_queue_size=256, dense_queue_keys="locations")
+    opt = build_optimizer(model, lr=0.5)
+    vs = views(3)
+    ref = reference(model, vs)
+    step(model, opt, vs)
+    n_keys = ref["t_pos"].shape[0] * ref["t_pos"].shape[1]
+    assert n_keys > B and int(model.dense_queue.ptr) == n_keys and int(model.queue.ptr) == B
+    torch.testing.assert_close(model.dense_queue.queue[:n_keys], ref["t_pos"].flatten(end_dim=1), rtol=0, atol=1e-5)
+    vs = views(4)
+    ref = reference(model, vs)
+    with torch.no_grad():
+        out = model(vs, 1, 10)
+    torch.testing.assert_close(out["loss_dense"], ref["dense"].mean(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_queue_keys"):
+        make(dense_queue_keys="grid")
+
+
+def _enqueue_on_ranks(rank: int, world: int, vs: list[torch.Tensor], keys: str) -> torch.Tensor:
+    model = make(dense_queue_size=256, dense_queue_keys=keys)
     with torch.no_grad():
         model([rank_slice(v, rank, world) for v in vs], 0, 10)
     model.after_step(0, 10)
-    return model.dense_queue.queue[:B].clone()
+    return model.dense_queue.queue[:int(model.dense_queue.ptr)].clone()
 
 
-def test_dense_queue_gathers_keys_from_all_ranks():
+@pytest.mark.parametrize("keys", ["pooled", "locations"])
+def test_dense_queue_gathers_keys_from_all_ranks(keys):
     vs = views(4)
-    expected = reference(make(), vs)["pooled_keys"]
-    for queue in run_ranks(_enqueue_on_ranks, 2, vs):
+    ref = reference(make(), vs)
+    expected = ref["pooled_keys"] if keys == "pooled" else ref["t_pos"].flatten(end_dim=1)
+    for queue in run_ranks(_enqueue_on_ranks, 2, vs, keys):
         torch.testing.assert_close(queue, expected, rtol=0, atol=1e-5)
 
 
