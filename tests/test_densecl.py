@@ -148,7 +148,10 @@ def test_locations_queue_holds_every_matched_key_as_lightlys_memory_bank():
     step(model, opt, vs)
     n_keys = ref["t_pos"].shape[0] * ref["t_pos"].shape[1]
     assert n_keys > B and int(model.dense_queue.ptr) == n_keys and int(model.queue.ptr) == B
-    torch.testing.assert_close(model.dense_queue.queue[:n_keys], ref["t_pos"].flatten(end_dim=1), rtol=0, atol=1e-5)
+    # what lightly's recipe banks: its NTXentLoss given the flattened matched keys (and any query with a gradient)
+    lightly_bank = lightly_loss.NTXentLoss(temperature=0.2, memory_bank_size=(256, TINY["out_dim"]))
+    lightly_bank(torch.randn(n_keys, TINY["out_dim"], requires_grad=True), ref["t_pos"].flatten(end_dim=1))
+    torch.testing.assert_close(model.dense_queue.queue[:n_keys], lightly_bank.memory_bank.bank[:n_keys], rtol=0, atol=1e-5)
     vs = views(4)
     ref = reference(model, vs)
     with torch.no_grad():
