@@ -90,10 +90,13 @@ class PretrainConfig:
     epochs: int = 10
     max_steps: int = 0  # 0: epochs decide
     lr: float = 0.06  # at batch 256; scaled linearly by the global batch (all workers and nodes counted)
-    optimizer: str = "sgd"  # sgd | lars | adamw (biases and norm parameters: no weight decay, no LARS scaling)
+    optimizer: str = "sgd"  # sgd | lars | adamw (biases and norm parameters: see decay_norm_and_bias)
     momentum: float = 0.9  # SGD/LARS momentum (AdamW uses adamw_betas)
     adamw_betas: tuple = (0.9, 0.999)  # AdamW (beta1, beta2); MAE/MixedAE/MoCE: (0.9, 0.95); I-JEPA: the default
     weight_decay: float = 5e-4
+    # weight decay on biases and norm parameters too: auto = the method's reference recipe (MoCo v2, DenseCL:
+    # yes, as their official code; the others: no, and no LARS scaling for them) | yes | no
+    decay_norm_and_bias: str = "auto"
     warmup_steps: int = 10
     clip_grad: float = 0.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto (bf16 autocast on a GPU or a CPU with bf16 matrix units, else fp32) | fp32 | bf16
@@ -304,6 +307,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"pretrain.adamw_betas: expected two numbers in [0, 1), got {list(betas)}")
     if cfg.pretrain.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"pretrain.precision: {cfg.pretrain.precision!r} is not one of auto, fp32, bf16")
+    if cfg.pretrain.decay_norm_and_bias not in ("auto", "yes", "no"):
+        raise ConfigError(f"pretrain.decay_norm_and_bias: {cfg.pretrain.decay_norm_and_bias!r} is not one of auto, yes, no")
     if cfg.pretrain.use_gpu not in ("auto", "yes", "no"):
         raise ConfigError(f"pretrain.use_gpu: {cfg.pretrain.use_gpu!r} is not one of auto, yes, no")
     bad = sorted(set(cfg.pretrain.augment) - AUGMENT_FIELDS)

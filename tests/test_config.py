@@ -24,6 +24,7 @@ def test_defaults_roundtrip():
     ({"curate": {}}, [], "curate.input: required"),
     ({"curate": {"input": "x"}, "nosuch": {}}, [], "nosuch: unknown key"),
     ({"curate": {"input": "x"}}, ["pretrain.batch_size=63"], "pretrain.batch_size: must be divisible"),
+    ({"curate": {"input": "x"}}, ["pretrain.decay_norm_and_bias=maybe"], "pretrain.decay_norm_and_bias: 'maybe'"),
 ])
 def test_bad_config_names_the_key(raw, overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -80,15 +80,83 @@ def test_queue_content_equals_previous_keys():
     assert torch.equal(model.queue.queue[:6], keys) and int(model.queue.ptr) == 6
 
 
-def test_optimizer_excludes_bias_and_norm_from_weight_decay():
+def test_weight_decay_covers_norm_and_bias_as_the_reference_recipe():
+    """MoCo v2 decays every parameter (main_moco.py, lightly); ``no`` restores the usual exclusion."""
     model = make()
-    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.5)
-    decay, no_decay = opt.param_groups
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    (group,) = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.5).param_groups
+    assert group["weight_decay"] == 0.5 and len(group["params"]) == n_trainable
+    assert any(p.ndim <= 1 for p in group["params"])
+    decay, no_decay = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.5, decay_norm_and_bias="no").param_groups
     assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
-    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
     assert isinstance(build_optimizer(model, "adamw", lr=1e-3), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="decay_norm_and_bias"):
+        build_optimizer(model, decay_norm_and_bias="sometimes")
+
+
+def _lightly_moco(base, head, queue, momentum):
+    """lightly's MoCo recipe (its example: MoCoProjectionHead, NTXentLoss with a memory bank, update_momentum,
+    torch SGD over every parameter) started from our head's weights and our queue."""
+    import copy
+
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    dims = head.dims
+    net = nn.ModuleDict({"backbone": copy.deepcopy(base), "head": MoCoProjectionHead(*dims)})
+    for a, b in zip(net["head"].parameters(), head.parameters(), strict=True):
+        a.data.copy_(b.data)
+    twin = copy.deepcopy(net)
+    deactivate_requires_grad(twin)
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=tuple(queue.shape))
+    criterion.memory_bank.bank.copy_(queue)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+    def step(x_q, x_k):
+        update_momentum(net["backbone"], twin["backbone"], m=momentum)
+        update_momentum(net["head"], twin["head"], m=momentum)
+        q = net["head"](net["backbone"](x_q).flatten(1))
+        with torch.no_grad():
+            k = twin["head"](twin["backbone"](x_k).flatten(1))
+        loss = criterion(q, k)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+    return net, step, criterion.memory_bank.bank
+
+
+@pytest.mark.parametrize("decay", ["auto", "no"])
+def test_trajectory_equals_lightly_recipe(decay):
+    """From the same weights, head, queue and batches, steps of our MoCo v2 (pretrain defaults: shuffle-BN,
+    fused queue InfoNCE, EMA after the step) follow lightly's recipe: losses to 1e-5 and weights to 1e-4 of
+    how far they moved. With the usual bias/norm exclusion instead, the weights part after one step (the
+    check that the test can tell the two apart)."""
+    import copy
+
+    torch.manual_seed(0)
+    base, d = tiny_backbone()
+    model = MoCoV2(copy.deepcopy(base), d, hidden_dim=32, out_dim=16, queue_size=24, momentum=0.9)
+    opt = build_optimizer(model, "sgd", lr=0.05, weight_decay=1e-2, decay_norm_and_bias=decay)
+    ref, ref_step, ref_bank = _lightly_moco(base, model.head, model.queue.queue, 0.9)
+    start = [p.detach().clone() for p in base.parameters()]
+    for s in range(4):
+        x_q, x_k = views(seed=10 + s, b=6)
+        ours_loss = train_step(model, opt, [x_q, x_k], s, 100, lr=0.05)["loss"]
+        ref_loss = ref_step(x_q, x_k)
+        with torch.no_grad():
+            moved = sum(float((b - a).norm() ** 2) for a, b in zip(start, ref["backbone"].parameters())) ** 0.5
+            apart = sum(float((a - b).norm() ** 2) for a, b in zip(model.backbone.parameters(),
+                                                                    ref["backbone"].parameters())) ** 0.5
+        if decay == "no":
+            assert apart > 1e-3 * moved
+            return
+        assert ours_loss == pytest.approx(ref_loss, abs=1e-5)
+        assert apart <= 1e-4 * moved
+    torch.testing.assert_close(model.queue.queue, ref_bank, atol=1e-5, rtol=0)  # the same keys, in the same slots
 
 
 def test_non_finite_loss_raises_before_step():

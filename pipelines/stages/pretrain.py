@@ -120,7 +120,8 @@ def train_loop(config: dict) -> None:
         if world > 1 else method.to(device)
     # linear scaling by the true global batch: per-worker batch x workers on every node
     lr = scaled_lr(c["lr"], per * world)
-    opt = build_optimizer(method, c["optimizer"], lr, c["momentum"], c["weight_decay"], betas=tuple(c["adamw_betas"]))
+    opt = build_optimizer(method, c["optimizer"], lr, c["momentum"], c["weight_decay"], betas=tuple(c["adamw_betas"]),
+                          decay_norm_and_bias=c["decay_norm_and_bias"])
     autocast = autocast_dtype(c["precision"], device)
     if rank == 0:
         _say(f"[pretrain] {c['method']} on {world} worker(s), {device.type}, "

@@ -1,7 +1,9 @@
 """Optimisers: SGD, LARS and AdamW over two parameter groups (weights; biases and norm parameters).
 
 Biases and normalisation parameters (tensors with ndim <= 1) get no weight decay and, under LARS, no
-trust-ratio adaptation -- the exclusion BYOL, MoCo v3 and SwAV use.
+trust-ratio adaptation -- the exclusion BYOL, MoCo v3, MAE, I-JEPA and DINOv2 use. A method whose reference
+code decays every parameter (MoCo v2's ``main_moco.py``: ``SGD(model.parameters(), weight_decay=1e-4)``;
+DenseCL's mmselfsup configs) says so with ``decay_norm_and_bias = True``; ``build_optimizer`` reads it.
 """
 from __future__ import annotations
 
@@ -52,13 +54,24 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool = True) -> list[dict]:
+    """[weights, biases + norm parameters]; with ``exclude_norm_bias=False`` one group, all decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+
+
+def excludes_norm_bias(model: nn.Module, setting: str = "auto") -> bool:
+    """``pretrain.decay_norm_and_bias`` -> whether biases and norm parameters are left out of weight decay:
+    ``auto`` follows the method's reference recipe (its ``decay_norm_and_bias`` attribute, default False),
+    ``yes`` decays them, ``no`` excludes them."""
+    if setting == "auto":
+        return not getattr(getattr(model, "module", model), "decay_norm_and_bias", False)
+    if setting in ("yes", "no"):
+        return setting == "no"
+    raise ValueError(f"decay_norm_and_bias: expected auto, yes or no, got {setting!r}")
 
 
 OPTIMIZERS = ("sgd", "lars", "adamw")
@@ -66,9 +79,10 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 
 def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.03, momentum: float = 0.9,
                     weight_decay: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
-                    trust_coefficient: float = 1e-3) -> torch.optim.Optimizer:
-    """``sgd`` (momentum), ``lars`` or ``adamw`` over :func:`param_groups`."""
-    groups = param_groups(model, weight_decay)
+                    trust_coefficient: float = 1e-3, decay_norm_and_bias: str = "auto") -> torch.optim.Optimizer:
+    """``sgd`` (momentum), ``lars`` or ``adamw`` over :func:`param_groups`; ``decay_norm_and_bias`` as in
+    :func:`excludes_norm_bias` (``auto``: the method's own recipe)."""
+    groups = param_groups(model, weight_decay, excludes_norm_bias(model, decay_norm_and_bias))
     name = name.lower()
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient)

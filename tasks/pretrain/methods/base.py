@@ -33,6 +33,9 @@ class Method(nn.Module):
     """
 
     steps_per_epoch: int | None = None
+    # The method's reference recipe decays biases and norm parameters like every weight (the optimiser's
+    # default leaves them out: tasks/pretrain/optim.py). pretrain.decay_norm_and_bias: auto reads this.
+    decay_norm_and_bias: bool = False
 
     def __init__(self, backbone: nn.Module, feat_dim: int, **kwargs):
         super().__init__()
