@@ -267,3 +267,53 @@ def test_dense_warmup_sets_lambda_zero_first():
         early, late = model(vs, 1, 10), model(vs, 2, 10)
     assert torch.equal(early["loss"], early["loss_global"])
     torch.testing.assert_close(late["loss"], 0.5 * late["loss_global"] + 0.5 * late["loss_dense"])
+
+
+def test_trajectory_equals_lightly_recipe_with_locations_queue():
+    """From the same weights, heads, queues and batches, steps of our DenseCL (``dense_queue_keys:
+    locations``, pretrain defaults: shuffle-BN, fused queue InfoNCE, EMA after the step, every parameter
+    decayed) follow lightly's recipe (bench/lightly_steps.py: its heads, select_most_similar, one NTXentLoss
+    memory bank per branch, update_momentum before the step, torch SGD over every parameter): losses to
+    1e-5, weights to 1e-4 of how far they moved, and the same keys in the same queue slots."""
+    import copy
+
+    torch.manual_seed(0)
+    base, dim = build_backbone("tiny_convnet")
+    s2 = base.forward_features(views()[0]).flatten(2).shape[-1]
+    model = DenseCL(copy.deepcopy(base), dim, hidden_dim=32, out_dim=16, queue_size=4 * B,
+                    dense_queue_size=2 * B * s2, momentum=0.9, dense_queue_keys="locations")
+    opt = build_optimizer(model, "sgd", lr=0.05, weight_decay=1e-2)
+    ref = nn.ModuleDict({"backbone": copy.deepcopy(base), "g": lightly_head(model.head),
+                         "l": lightly_head(model.dense_head)})
+    twin = copy.deepcopy(ref)
+    lightly_utils.deactivate_requires_grad(twin)
+    crit_g, crit_l = ntxent(model.queue.queue), ntxent(model.dense_queue.queue)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+    def encode(net, x):
+        fmap = net["backbone"].forward_features(x)
+        feats = fmap.flatten(2).transpose(1, 2)
+        return feats, net["g"](fmap.mean((2, 3))), net["l"](feats)
+
+    start = [p.detach().clone() for p in base.parameters()]
+    for i in range(4):
+        x_q, x_k = views(seed=20 + i)
+        ours = train_step(model, opt, [x_q, x_k], i, 100, lr=0.05)["loss"]
+        for name in ("backbone", "g", "l"):
+            lightly_utils.update_momentum(ref[name], twin[name], m=0.9)
+        q_feats, q_g, q_l = encode(ref, x_q)
+        with torch.no_grad():
+            k_feats, k_g, k_l = encode(twin, x_k)
+            k_l = lightly_utils.select_most_similar(q_feats, k_feats, k_l)
+        loss = 0.5 * (crit_g(q_g, k_g) + crit_l(q_l.flatten(end_dim=1), k_l.flatten(end_dim=1)))
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert ours == pytest.approx(float(loss.detach()), abs=1e-5)
+        with torch.no_grad():
+            moved = sum(float((b - a).norm() ** 2) for a, b in zip(start, ref["backbone"].parameters())) ** 0.5
+            apart = sum(float((a - b).norm() ** 2) for a, b in zip(model.backbone.parameters(),
+                                                                    ref["backbone"].parameters())) ** 0.5
+        assert apart <= 1e-4 * moved
+    torch.testing.assert_close(model.queue.queue, crit_g.memory_bank.bank, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.dense_queue.queue, crit_l.memory_bank.bank, atol=1e-5, rtol=0)
