@@ -2,7 +2,9 @@
 lightly's implementation of the same recipe (bench/mocov2.py, bench/methods.py), and against the same
 backbone at random init and the raw-pixel floor.
 
-Each run starts from the same random resnet18 (CIFAR stem, 32 px, batch 128), sees the same augmented views
+Each run starts from the same random resnet18 (CIFAR stem, 32 px, batch 128) -- and lightly's heads and memory
+banks from our heads' and queues' initial values wherever the layouts agree (all but MoCo v3; bench.lightly_steps.
+start_like), so one seed's two sides differ only in the implementations --, sees the same augmented views
 (our augmentation, seeded; its cost is not counted) and trains until its *step time* reaches the budget;
 lr 0.03 at batch 128 (0.06 per 256, lightly's benchmark value), constant, on both sides. Measured on this
 set: 32 px with the CIFAR stem learns far more per CPU-second than 64 px with the ImageNet stem (2x2 maps
@@ -128,23 +130,23 @@ def _pairs(base, feat_dim, name: str):
     if name == "mocov2":
         moco = get_method("mocov2")(copy.deepcopy(base), feat_dim, hidden_dim=B.HIDDEN, out_dim=B.OUT,
                                     queue_size=B.QUEUE, momentum=MOMENTUM)
-        return moco, M._ours(moco), B._lightly_step(base, feat_dim, momentum=MOMENTUM)
+        return moco, M._ours(moco), B._lightly_step(base, feat_dim, momentum=MOMENTUM, like=moco)
     if name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
         scale = LR_SCALE.get(name, 1.0)
         return (m, M._ours(m, lr=M.LR * scale, weight_decay=M.WD / scale),
-                L._lightly_two_view(base, feat_dim, False, name))
+                L._lightly_two_view(base, feat_dim, False, name, like=m))
     if name == "swav":
         swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                                   num_prototypes=M.PROTOTYPES, num_local_crops=2)
-        return swav, M._ours(swav), L._lightly_swav(base, feat_dim, False)
+        return swav, M._ours(swav), L._lightly_swav(base, feat_dim, False, like=swav)
     # DenseCL's heads are C5-wide (its default; lightly's side in bench.lightly_steps likewise). lightly's recipe
     # banks every location's matched key as a dense negative, so "densecl" compares ours with the same
     # dense_queue_keys="locations"; "densecl_paper" runs our default, the paper's one pooled key per image.
     dense = get_method("densecl")(copy.deepcopy(base), feat_dim, hidden_dim=feat_dim, out_dim=M.OUT["densecl"],
                                   queue_size=M.QUEUE, momentum=MOMENTUM,
                                   dense_queue_keys="pooled" if name == "densecl_paper" else "locations")
-    return dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False, momentum=MOMENTUM)
+    return dense, M._ours(dense), L._lightly_densecl(base, feat_dim, False, momentum=MOMENTUM, like=dense)
 
 
 def run(quick: bool = False) -> None:
@@ -199,7 +201,8 @@ def run(quick: bool = False) -> None:
             acc_l = _encoder_knn(lightly.backbone, train, y_train, val, y_val)
             se = (acc_ours * (1 - acc_ours) / len(val)) ** 0.5  # binomial standard error of one top-1 on this val set
             print(f"# knn: {name} seed {seed}: ours {acc_ours:.3f} (+-{se:.3f} s.e.) after {n_ours} steps, "
-                  f"lightly {acc_l:.3f} after {n_l} steps ({secs:.0f} s each)")
+                  f"lightly {acc_l:.3f} after {n_l} steps ({secs:.0f} s each; lightly's heads "
+                  f"{'started from ours' if lightly.started_like else 'from their own init'})")
             accs.append((acc_ours, acc_l))
         a = np.array(accs)
         if len(a) > 1:  # the paired difference over seeds, with its standard error

@@ -16,6 +16,24 @@ from bench.common import autocast
 from bench.methods import HIDDEN, LR, MAX_STEPS, OUT, PROTOTYPES, QUEUE, WD, Step, _nhwc
 
 
+def start_like(pairs: list[tuple[nn.Module, nn.Module]], banks: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> bool:
+    """Give lightly's heads our heads' initial weights, ``(lightly module, our module)`` pairs, parameter by
+    parameter in order, and its memory banks our queues' initial contents, so that a comparison's two sides
+    differ only in their implementations (bench/knn.py: with the backbone, views and batch order already
+    shared). Returns False, copying nothing, when the layouts differ (MoCo v3: lightly's last projector BN
+    keeps affine parameters, ours has none) -- then each side keeps its own random init."""
+    for dst, src in pairs:
+        if [p.shape for p in dst.parameters()] != [p.shape for p in src.parameters()]:
+            return False
+    with torch.no_grad():
+        for dst, src in pairs:
+            for a, b in zip(dst.parameters(), src.parameters()):
+                a.copy_(b)
+        for bank, queue in banks:
+            bank.copy_(queue)
+    return True
+
+
 def _lightly_sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=WD)
 
@@ -28,9 +46,10 @@ def _frozen_twin(module: nn.Module) -> nn.Module:
     return twin
 
 
-def _lightly_two_view(base: nn.Module, feat_dim: int, matched: bool, method: str) -> Step:
+def _lightly_two_view(base: nn.Module, feat_dim: int, matched: bool, method: str, like: nn.Module | None = None) -> Step:
     """BYOL / MoCo v3 built from lightly's modules: online backbone + projector + predictor, momentum
-    backbone + projector, both views through both branches."""
+    backbone + projector, both views through both branches. ``like``: our model, whose initial head weights
+    lightly's heads take where the layouts agree (:func:`start_like`)."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead
     from lightly.models.modules.heads import ProjectionHead
@@ -50,6 +69,8 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, matched: bool, method: str
                 self.projection_head = MoCoProjectionHead(feat_dim, HIDDEN, out, num_layers=2, batch_norm=True)
                 self.prediction_head = ProjectionHead([(out, HIDDEN, nn.BatchNorm1d(HIDDEN), nn.ReLU()),
                                                        (HIDDEN, out, None, None, False)])
+            self.started_like = like is not None and start_like([(self.projection_head, like.projector),
+                                                                  (self.prediction_head, like.predictor)])
             self.backbone_momentum = _frozen_twin(self.backbone)
             self.projection_head_momentum = _frozen_twin(self.projection_head)
 
@@ -96,10 +117,11 @@ def _lightly_two_view(base: nn.Module, feat_dim: int, matched: bool, method: str
         float(loss.detach())  # ours converts its metrics to floats too
         state["step"] += 1
     step.backbone = model.backbone
+    step.started_like = getattr(model, "started_like", False)
     return step
 
 
-def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool) -> Step:
+def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool, like: nn.Module | None = None) -> Step:
     from lightly.loss import SwaVLoss
     from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
@@ -111,6 +133,10 @@ def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool) -> Step:
             self.backbone = backbone
             self.projection_head = SwaVProjectionHead(feat_dim, HIDDEN, out)
             self.prototypes = SwaVPrototypes(out, n_prototypes=PROTOTYPES)
+            # lightly's prototype layer has a bias (ours, the paper's, none): it keeps its own init; the
+            # prototype vectors themselves start as ours
+            self.started_like = like is not None and start_like(
+                [(self.projection_head, like.head)], [(next(self.prototypes.parameters()), like.prototypes.weight)])
 
         def forward(self, x):
             z = F.normalize(self.projection_head(self.backbone(x).flatten(start_dim=1)), dim=1, p=2)
@@ -134,10 +160,12 @@ def _lightly_swav(base: nn.Module, feat_dim: int, matched: bool) -> Step:
         opt.zero_grad()
         float(loss.detach())
     step.backbone = model.backbone
+    step.started_like = getattr(model, "started_like", False)
     return step
 
 
-def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: float = 0.999) -> Step:
+def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: float = 0.999,
+                     like: nn.Module | None = None) -> Step:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import DenseCLProjectionHead
     from lightly.models.utils import select_most_similar, update_momentum
@@ -151,6 +179,8 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: fl
             # hidden = the C5 width, as lightly's example (512, 512, 128 on resnet18) and the paper (2048 on R50)
             self.projection_head_global = DenseCLProjectionHead(feat_dim, feat_dim, out)
             self.projection_head_local = DenseCLProjectionHead(feat_dim, feat_dim, out)
+            self.started_like = like is not None and start_like([(self.projection_head_global, like.head),
+                                                                  (self.projection_head_local, like.dense_head)])
             self.backbone_momentum = _frozen_twin(self.backbone)
             self.projection_head_global_momentum = _frozen_twin(self.projection_head_global)
             self.projection_head_local_momentum = _frozen_twin(self.projection_head_local)
@@ -174,6 +204,9 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: fl
         model.to(memory_format=torch.channels_last)
     criterion_global = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
     criterion_local = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, out))
+    if like is not None:
+        start_like([], [(criterion_global.memory_bank.bank, like.queue.queue),
+                        (criterion_local.memory_bank.bank, like.dense_queue.queue)])
     opt = _lightly_sgd(model)
 
     def step(views):
@@ -195,4 +228,5 @@ def _lightly_densecl(base: nn.Module, feat_dim: int, matched: bool, momentum: fl
         opt.zero_grad()
         float(loss.detach())
     step.backbone = model.backbone
+    step.started_like = getattr(model, "started_like", False)
     return step

@@ -63,8 +63,11 @@ def _ours_step(base: nn.Module, feat_dim: int, channels_last: bool = True):
     return step
 
 
-def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentum: float = 0.999):
-    """lightly's MoCo example; ``matched``: model and inputs channels_last and the forward under our autocast."""
+def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentum: float = 0.999,
+                  like: MoCoV2 | None = None):
+    """lightly's MoCo example; ``matched``: model and inputs channels_last and the forward under our autocast;
+    ``like``: our model, whose initial head weights and queue lightly's head and memory bank take."""
+    from bench.lightly_steps import start_like
     channels_last = matched
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
@@ -75,6 +78,7 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentu
             super().__init__()
             self.backbone = backbone
             self.projection_head = MoCoProjectionHead(feat_dim, HIDDEN, OUT)
+            self.started_like = like is not None and start_like([(self.projection_head, like.head)])
             self.backbone_momentum = copy.deepcopy(self.backbone)
             self.projection_head_momentum = copy.deepcopy(self.projection_head)
             deactivate_requires_grad(self.backbone_momentum)
@@ -90,6 +94,8 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentu
     if channels_last:
         model.to(memory_format=torch.channels_last)
     criterion = NTXentLoss(temperature=0.2, memory_bank_size=(QUEUE, OUT))
+    if like is not None:
+        start_like([], [(criterion.memory_bank.bank, like.queue.queue)])
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
 
     def step(views):
@@ -105,6 +111,7 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentu
         opt.zero_grad()
         float(loss.detach())  # ours converts its metrics to floats too
     step.backbone = model.backbone
+    step.started_like = getattr(model, "started_like", False)
     return step
 
 
