@@ -53,6 +53,10 @@ MOMENTUM = 0.99
 # gets the lr that makes its update lightly's.
 # (MoCo v2/v3, SwAV and DenseCL use the same loss scale on both sides.)
 LR_SCALE = {"byol": 0.25}
+# Weight decay: lightly's examples decay every parameter (torch SGD over model.parameters()), as MoCo v2's and
+# DenseCL's own recipes do (our default for those two); BYOL, MoCo v3 and SwAV leave biases and norm parameters
+# out by default (their papers), so here they decay them too: one recipe on both sides.
+DECAY_ALL = "yes"
 # Run only when named in BENCH_KNN_METHODS: our DenseCL default (the paper's pooled dense queue) against lightly's
 # recipe, which differs from it (see "densecl" in _pairs) -- a comparison of two methods, not of implementations.
 OPT_IN = ("densecl_paper",)
@@ -134,12 +138,12 @@ def _pairs(base, feat_dim, name: str):
     if name in ("mocov3", "byol"):
         m = get_method(name)(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT[name])
         scale = LR_SCALE.get(name, 1.0)
-        return (m, M._ours(m, lr=M.LR * scale, weight_decay=M.WD / scale),
+        return (m, M._ours(m, lr=M.LR * scale, weight_decay=M.WD / scale, decay_norm_and_bias=DECAY_ALL),
                 L._lightly_two_view(base, feat_dim, False, name, like=m))
     if name == "swav":
         swav = get_method("swav")(copy.deepcopy(base), feat_dim, hidden_dim=M.HIDDEN, out_dim=M.OUT["swav"],
                                   num_prototypes=M.PROTOTYPES, num_local_crops=2)
-        return swav, M._ours(swav), L._lightly_swav(base, feat_dim, False, like=swav)
+        return swav, M._ours(swav, decay_norm_and_bias=DECAY_ALL), L._lightly_swav(base, feat_dim, False, like=swav)
     # DenseCL's heads are C5-wide (its default; lightly's side in bench.lightly_steps likewise). lightly's recipe
     # banks every location's matched key as a dense negative, so "densecl" compares ours with the same
     # dense_queue_keys="locations"; "densecl_paper" runs our default, the paper's one pooled key per image.

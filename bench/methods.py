@@ -93,10 +93,10 @@ def _fixed_grad(out: torch.Tensor, seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- our steps
 
 
-def _ours(model: nn.Module, lr: float = LR, weight_decay: float = WD) -> Step:
+def _ours(model: nn.Module, lr: float = LR, weight_decay: float = WD, decay_norm_and_bias: str = "auto") -> Step:
     """``train_step`` with SGD, the method in channels_last and the stage's default precision."""
     model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+    opt = build_optimizer(model, lr=lr, weight_decay=weight_decay, decay_norm_and_bias=decay_norm_and_bias)
     state = {"step": 0}
 
     def step(views):

@@ -122,3 +122,56 @@ def test_vit_backbone_runs():
     opt = build_optimizer(model, "adamw", lr=1e-3)
     out = train_step(model, opt, _views(0, b=4, s=32), 0, 10, lr=1e-3)
     assert math.isfinite(out["loss"]) and 0.0 <= out["loss"] <= 8.0
+
+
+def test_trajectory_equals_lightly_recipe_at_a_quarter_of_the_lr():
+    """Our loss (the paper's, per image l(p1, z2) + l(p2, z1), l = 2 - 2cos) has 4x the gradient of lightly's
+    example loss (0.5 (negcos(p0, z1) + negcos(p1, z0))), so SGD at lr / 4 with weight decay x 4 (lr * wd kept)
+    is lightly's update exactly (the rule bench/knn.py's LR_SCALE applies). From the same weights and batches,
+    with every parameter decayed on both sides, steps of ours follow lightly's recipe (its heads holding ours'
+    weights, update_momentum + cosine_schedule before each step): losses to 1e-5, weights to 1e-4 of how far
+    they moved. At the same lr instead, they part after one step."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    heads = pytest.importorskip("lightly.models.modules")
+    utils = pytest.importorskip("lightly.models.utils")
+    from lightly.utils.scheduler import cosine_schedule
+
+    lr, wd, max_steps = 0.2, 1e-2, 10 ** 6
+    for scale, equal in ((0.25, True), (1.0, False)):
+        torch.manual_seed(0)
+        base, dim = build_backbone("tiny_convnet")
+        model = BYOL(copy.deepcopy(base), dim, hidden_dim=32, out_dim=16)
+        opt = build_optimizer(model, "sgd", lr=lr * scale, weight_decay=wd / scale, decay_norm_and_bias="yes")
+        ref = torch.nn.ModuleDict({"backbone": copy.deepcopy(base), "proj": heads.BYOLProjectionHead(dim, 32, 16),
+                                   "pred": heads.BYOLPredictionHead(16, 32, 16)})
+        with torch.no_grad():
+            for dst, src in ((ref["proj"], model.projector), (ref["pred"], model.predictor)):
+                for a, b in zip(dst.parameters(), src.parameters(), strict=True):
+                    a.copy_(b)
+        twin = torch.nn.ModuleDict({k: copy.deepcopy(ref[k]) for k in ("backbone", "proj")})
+        utils.deactivate_requires_grad(twin)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        neg_cos = lightly_loss.NegativeCosineSimilarity()
+        start = [p.detach().clone() for p in base.parameters()]
+        for i in range(4):
+            x0, x1 = _views(seed=30 + i)
+            ours = train_step(model, opt, [x0, x1], i, max_steps, lr=lr * scale)["loss"]
+            m = cosine_schedule(i, max_steps, 0.99, 1.0)
+            for k in ("backbone", "proj"):
+                utils.update_momentum(ref[k], twin[k], m=m)
+            p0, p1 = (ref["pred"](ref["proj"](ref["backbone"](x))) for x in (x0, x1))
+            with torch.no_grad():
+                z0, z1 = (twin["proj"](twin["backbone"](x)) for x in (x0, x1))
+            loss = 0.5 * (neg_cos(p0, z1) + neg_cos(p1, z0))
+            loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            with torch.no_grad():
+                moved = sum(float((b - a).norm() ** 2) for a, b in zip(start, ref["backbone"].parameters())) ** 0.5
+                apart = sum(float((a - b).norm() ** 2) for a, b in zip(model.backbone.parameters(),
+                                                                        ref["backbone"].parameters())) ** 0.5
+            if not equal:
+                assert apart > 0.1 * moved
+                break
+            assert ours == pytest.approx(4 + 4 * float(loss.detach()), abs=1e-5)  # 2 l(p,z) = 2(2 + 2 negcos)
+            assert apart <= 1e-4 * moved
