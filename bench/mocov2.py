@@ -67,11 +67,12 @@ def _lightly_step(base: nn.Module, feat_dim: int, matched: bool = False, momentu
                   like: MoCoV2 | None = None):
     """lightly's MoCo example; ``matched``: model and inputs channels_last and the forward under our autocast;
     ``like``: our model, whose initial head weights and queue lightly's head and memory bank take."""
-    from bench.lightly_steps import start_like
     channels_last = matched
     from lightly.loss import NTXentLoss
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    from bench.lightly_steps import start_like
 
     class LightlyMoCo(nn.Module):
         def __init__(self, backbone):
