@@ -3,8 +3,9 @@ lightly's implementation of the same recipe (bench/mocov2.py, bench/methods.py),
 backbone at random init and the raw-pixel floor.
 
 Each run starts from the same random resnet18 (CIFAR stem, 32 px, batch 128) -- and lightly's heads and memory
-banks from our heads' and queues' initial values wherever the layouts agree (all but MoCo v3; bench.lightly_steps.
-start_like), so one seed's two sides differ only in the implementations --, sees the same augmented views
+banks from our heads' and queues' initial values (bench.lightly_steps.start_like; SwAV's prototype bias, which
+only lightly has, keeps lightly's init), so one seed's two sides differ only in the implementations --, sees the
+same augmented views
 (our augmentation, seeded; its cost is not counted) and trains until its *step time* reaches the budget;
 lr 0.03 at batch 128 (0.06 per 256, lightly's benchmark value), constant, on both sides. Measured on this
 set: 32 px with the CIFAR stem learns far more per CPU-second than 64 px with the ImageNet stem (2x2 maps

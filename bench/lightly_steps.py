@@ -20,14 +20,19 @@ def start_like(pairs: list[tuple[nn.Module, nn.Module]], banks: list[tuple[torch
     """Give lightly's heads our heads' initial weights, ``(lightly module, our module)`` pairs, parameter by
     parameter in order, and its memory banks our queues' initial contents, so that a comparison's two sides
     differ only in their implementations (bench/knn.py: with the backbone, views and batch order already
-    shared). Returns False, copying nothing, when the layouts differ (MoCo v3: lightly's last projector BN
-    keeps affine parameters, ours has none) -- then each side keeps its own random init."""
+    shared). lightly's module may end with one more BN's affine pair at its identity init (weight 1, bias 0:
+    MoCo v3's last projector BN, affine in lightly's MoCoProjectionHead, affine-free in ours and the paper),
+    which computes what ours does at the start. Returns False, copying nothing, when the layouts differ
+    otherwise -- then each side keeps its own random init."""
     for dst, src in pairs:
-        if [p.shape for p in dst.parameters()] != [p.shape for p in src.parameters()]:
+        d, s = list(dst.parameters()), list(src.parameters())
+        extra = d[len(s):]
+        if [p.shape for p in d[:len(s)]] != [p.shape for p in s] or not (
+                not extra or (len(extra) == 2 and bool((extra[0] == 1).all()) and bool((extra[1] == 0).all()))):
             return False
     with torch.no_grad():
         for dst, src in pairs:
-            for a, b in zip(dst.parameters(), src.parameters()):
+            for a, b in zip(dst.parameters(), src.parameters()):  # stops at ours' last parameter
                 a.copy_(b)
         for bank, queue in banks:
             bank.copy_(queue)
