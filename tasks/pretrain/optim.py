@@ -68,7 +68,9 @@ def excludes_norm_bias(model: nn.Module, setting: str = "auto") -> bool:
     ``auto`` follows the method's reference recipe (its ``decay_norm_and_bias`` attribute, default False),
     ``yes`` decays them, ``no`` excludes them."""
     if setting == "auto":
-        return not getattr(getattr(model, "module", model), "decay_norm_and_bias", False)
+        from tasks.pretrain.loop import unwrap  # loop imports this module
+
+        return not getattr(unwrap(model), "decay_norm_and_bias", False)
     if setting in ("yes", "no"):
         return setting == "no"
     raise ValueError(f"decay_norm_and_bias: expected auto, yes or no, got {setting!r}")
