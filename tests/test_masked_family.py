@@ -351,6 +351,21 @@ def test_topk_attention_is_timm_attention_at_full_k_and_keeps_k():
     assert out.shape == x.shape and record[0].shape == (2, 2, 16, 16)
     assert (record[0].sum(-1) == 3).all()  # each query of each head keeps exactly its 3 largest logits
     assert not torch.allclose(out, attn(x))
+    # against attention written out by hand: the kept entries are each query's 3 largest logits, the softmax
+    # runs over them alone, and the gradient reaches the input only through them
+    xr = x.clone().requires_grad_(True)
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(xr).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    kept = logits >= logits.topk(3, dim=-1).values[..., -1:]
+    assert torch.equal(kept, record[0])
+    ref = logits.masked_fill(~kept, float("-inf")).softmax(-1) @ v
+    ref = attn.proj(ref.transpose(1, 2).reshape(b, n, -1))
+    xo = x.clone().requires_grad_(True)
+    out = topk_attention(attn, xo, 3)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, xo, g)[0], torch.autograd.grad(ref, xr, g)[0])
 
 
 def test_homologous_attention_selects_its_own_image_above_chance_once_trained():

@@ -9,7 +9,9 @@ A learnable segment embedding per source slot is added to each mixed token (afte
 
 Homologous attention (choice): in the encoder layers ``homologous_layers`` (default: the second half of the
 blocks -- where token similarity is about content rather than position; each top-K layer also costs a
-partial sort of every attention row, +1.5 % of a ViT-S step per layer on CPU), each query keeps
+partial sort of every attention row: on 2 CPU cores, fp32, one layer's attention at 224 px (8 mixed images x 6
+heads x 196 x 196) takes 72 ms fwd+bwd against timm's 53 ms, 12 of the 19 ms in ``topk``; the 6 layers add
+~1.5 % to a 7.5 s ViT-S step), each query keeps
 only its ``K = N / G`` largest attention logits per head (the number of its own image's patches; prefix
 tokens are candidates like any other), the rest are set to -inf before the softmax. The encoder exported
 for evaluation is the plain timm ViT with ordinary attention ("replaceable"), as the paper does on
@@ -70,7 +72,9 @@ def topk_attention(attn: nn.Module, x: torch.Tensor, k: int, record: list | None
     with torch.no_grad():  # the threshold only selects; no gradient flows through it (unsorted topk: ~30 % faster)
         kth = logits.topk(min(k, n), dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         keep = logits >= kth
-        bias = keep.to(logits.dtype).log()  # 0 where kept, -inf elsewhere
+        # 0 where kept, -inf elsewhere. Not log() of the 0/1 mask: log(0) takes a slow path on CPU (on [8, 6, 196,
+        # 196], 2 cores: 20 ms with 75 % zeros, 1.7 ms on positive inputs); torch.where takes 2.3 ms
+        bias = torch.where(keep, logits.new_zeros(()), logits.new_full((), float("-inf")))
     if record is not None:
         record.append(keep)
     # adding the -inf bias = masked_fill, but its backward is a plain copy: ~20 % less top-K attention time on CPU
