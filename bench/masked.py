@@ -29,7 +29,9 @@ kept tokens there); the goals are about the full-size figures. ``--quick`` runs 
 needs the patch count (49 at 112 px) to be a multiple of its group of 4.
 
 ``BENCH_MASKED_TINY=1`` shrinks everything (a 2-block 32-wide ViT on 32 px, batch 4, 1 round) for a smoke
-test; its numbers mean nothing.
+test; its numbers mean nothing. ``BENCH_MASKED_ROUNDS=N`` sets the timed rounds (default 10, 12 with ``--quick``):
+on a 2-core slice whose step time drifts by 10-30 % between neighbouring rounds, one round's ratio spreads by
+~10 %, so the median of 10 moves by ~4 % run to run; 30 rounds narrow that to ~2 %.
 """
 from __future__ import annotations
 
@@ -74,9 +76,12 @@ def _sizes(quick: bool) -> dict:
     common = dict(tiny=False, encoder=(ENCODER, {}), decoder=dict(DECODER), ijepa={})
     # bf16 on AMX, 2 threads: MAE 3.3-4.3 s, I-JEPA 4.4-4.9 s a step at full size (ijepa alone: ~2 min);
     # 0.7-0.9 s a step each with --quick (masked --quick with MAE, I-JEPA, MixedAE: ~50 s).
+    rounds = os.environ.get("BENCH_MASKED_ROUNDS")
+    if rounds is not None and not (rounds.isdigit() and int(rounds) > 0):
+        raise SystemExit(f"BENCH_MASKED_ROUNDS: expected a positive integer, got {rounds!r}")
     if quick:  # 8 x 8 patch grid (MixedAE needs a patch count divisible by its group of 4: 112 px has 49)
-        return dict(size=128, batch=16, rounds=12, warmup=2, **common)
-    return dict(size=224, batch=32, rounds=10, warmup=1, **common)
+        return dict(size=128, batch=16, rounds=int(rounds or 12), warmup=2, **common)
+    return dict(size=224, batch=32, rounds=int(rounds or 10), warmup=1, **common)
 
 
 # ---------------------------------------------------------------------------------------------- setup
