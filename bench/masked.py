@@ -31,7 +31,7 @@ needs the patch count (49 at 112 px) to be a multiple of its group of 4.
 ``BENCH_MASKED_TINY=1`` shrinks everything (a 2-block 32-wide ViT on 32 px, batch 4, 1 round) for a smoke
 test; its numbers mean nothing. ``BENCH_MASKED_ROUNDS=N`` sets the timed rounds (default 10, 12 with ``--quick``):
 on a 2-core slice whose step time drifts by 10-30 % between neighbouring rounds, one round's ratio spreads by
-~10 %, so the median of 10 moves by ~4 % run to run; 30 rounds narrow that to ~2 %.
+~10 %, so the median's standard error is about 1.25 x 10 % / sqrt(rounds): ~4 % at 10 rounds, ~2 % at 30.
 """
 from __future__ import annotations
 
