@@ -75,7 +75,8 @@ def _sizes(quick: bool) -> dict:
                     ijepa=dict(predictor_dim=32, predictor_depth=1))
     common = dict(tiny=False, encoder=(ENCODER, {}), decoder=dict(DECODER), ijepa={})
     # bf16 on AMX, 2 threads: MAE 3.3-4.3 s, I-JEPA 4.4-4.9 s a step at full size (ijepa alone: ~2 min);
-    # 0.7-0.9 s a step each with --quick (masked --quick with MAE, I-JEPA, MixedAE: ~50 s).
+    # 0.7-0.9 s a step each with --quick (masked --quick with MAE, I-JEPA, MixedAE: ~50 s). fp32 on an AVX2-only
+    # 2-core slice: MAE ~9 s, I-JEPA ~7 s a step at full size (masked at 20 rounds: ~24 min; mixedae alone ~6 min).
     rounds = os.environ.get("BENCH_MASKED_ROUNDS")
     if rounds is not None and not (rounds.isdigit() and int(rounds) > 0):
         raise SystemExit(f"BENCH_MASKED_ROUNDS: expected a positive integer, got {rounds!r}")
