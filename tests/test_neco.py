@@ -158,6 +158,27 @@ def test_neco_learns_on_a_fixed_batch():
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
 
 
+def test_backbone_trains_at_a_tenth_of_the_heads_lr():
+    from tasks.pretrain.loop import train_step
+    from tasks.pretrain.optim import build_optimizer
+
+    m = neco()
+    opt = build_optimizer(m, "adamw", 1e-3, 0.9, 0.0)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters() if p.requires_grad)  # each exactly once
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    views, inp = _inputs(m, 2, 0)
+    train_step(m, opt, views, 0, 10, 1e-3, **inp)
+    # AdamW's first step moves every parameter with a gradient by ~lr (the sign of its gradient)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in m.named_parameters() if p.requires_grad}
+    head = [v for n, v in moved.items() if n.startswith("head.")]
+    backbone = [v for n, v in moved.items() if n.startswith("backbone.") and v > 0]
+    assert head and backbone
+    assert max(head) == pytest.approx(1e-3, rel=0.01) and max(backbone) == pytest.approx(1e-4, rel=0.01)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        neco(backbone_lr_scale=0.0)
+
+
 def test_clear_errors():
     vit, d = build_backbone("vit_small_patch14_reg4_dinov2", img_size=16, patch_size=P, embed_dim=32, depth=1,
                             num_heads=2)

@@ -55,12 +55,30 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool = True) -> list[dict]:
-    """[weights, biases + norm parameters]; with ``exclude_norm_bias=False`` one group, all decayed."""
+    """[weights, biases + norm parameters]; with ``exclude_norm_bias=False`` one group, all decayed.
+
+    A method whose recipe trains its backbone at a fraction of the heads' learning rate (NeCo: backbone
+    1e-5, head 1e-4) says so with ``backbone_lr_scale``; the backbone's parameters then form their own
+    groups carrying ``lr_scale`` (``train_step`` sets each group's lr to ``lr * lr_scale``)."""
+    from tasks.pretrain.loop import unwrap  # loop imports this module
+
+    inner = unwrap(model)
+    scale = float(getattr(inner, "backbone_lr_scale", 1.0))
     params = [p for p in model.parameters() if p.requires_grad]
-    if not exclude_norm_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+    parts = [(params, 1.0)]
+    if scale != 1.0:
+        in_backbone = {id(p) for p in inner.backbone.parameters()}
+        parts = [([p for p in params if id(p) not in in_backbone], 1.0),
+                 ([p for p in params if id(p) in in_backbone], scale)]
+    groups = []
+    for part, lr_scale in parts:
+        if not exclude_norm_bias:
+            split = [{"params": part, "weight_decay": weight_decay}]
+        else:
+            split = [{"params": [p for p in part if p.ndim > 1], "weight_decay": weight_decay},
+                     {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+        groups += [dict(g, lr_scale=lr_scale) if lr_scale != 1.0 else g for g in split]
+    return groups
 
 
 def excludes_norm_bias(model: nn.Module, setting: str = "auto") -> bool:

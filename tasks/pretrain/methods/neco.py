@@ -23,6 +23,10 @@ Choices (documented where the paper/code leaves room or where we differ):
   49 query patches i and 49 references j of the cross-entropy over ranks r; ``log`` of ``P^s + 1e-8``.
 * A flipped crop (``p_flip > 0`` set by the user) is handled: its box is mirrored and its 7 x 7 grid flipped
   back, so alignment holds; NeCo's own views do not flip.
+* Learning rates: the released configs train the backbone at a tenth of the head's rate (ViT-S: 1e-5 and
+  1e-4); ``backbone_lr_scale`` (0.1) makes the backbone's optimiser groups run at ``lr * 0.1``, so
+  ``pretrain.lr`` is the head's rate. A fresh random head's early gradients would otherwise move the start
+  weights as fast as the head learns.
 * Similarities, sorting and the loss run in fp32 (outside autocast): bf16's 3 digits would scramble ranks of
   cosines 0.01 apart at steepness 100.
 """
@@ -101,7 +105,7 @@ class NeCo(Method):
     def __init__(self, backbone: nn.Module, feat_dim: int, *, out_dim: int = 256, hidden_dim: int = 2048,
                  num_local: int = 4, local_size: int | None = None, queue_size: int = 8192, push_per_image: int = 10,
                  num_references: int = 49, roi_size: int = 7, steepness: float = 100.0, network: str = "bitonic",
-                 distribution: str = "cauchy", momentum: float = 0.9995):
+                 distribution: str = "cauchy", momentum: float = 0.9995, backbone_lr_scale: float = 0.1):
         super().__init__(backbone, feat_dim)
         require_vit(backbone, "neco", dynamic_size=True)
         if network not in NETWORKS or distribution not in DISTRIBUTIONS:
@@ -114,6 +118,9 @@ class NeCo(Method):
         self.num_references, self.roi_size, self.push_per_image = int(num_references), int(roi_size), int(push_per_image)
         self.steepness, self.network, self.distribution = float(steepness), network, distribution
         self.momentum = float(momentum)
+        if not backbone_lr_scale > 0:
+            raise ValueError(f"neco: backbone_lr_scale must be > 0, got {backbone_lr_scale}")
+        self.backbone_lr_scale = float(backbone_lr_scale)  # read by tasks/pretrain/optim.param_groups
         d = backbone.embed_dim
         self.head = MLPHead([d, hidden_dim, hidden_dim, out_dim], activation=nn.GELU)
         self.teacher_backbone = copy_and_freeze(backbone).eval()
