@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 import contextlib
+import os
 
 import torch
 
@@ -54,6 +55,21 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of num/den measured in the same round (robust to slow drift in load)."""
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A budget in seconds from the environment variable ``name`` (``default`` when unset); anything but a
+    positive number exits naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise SystemExit(f"{name}: expected a positive number of seconds, got {raw!r}")
+    return value
 
 
 def report(name: str, value: float, goal: str) -> None:
