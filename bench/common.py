@@ -57,18 +57,18 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
-def env_seconds(name: str, default: float) -> float:
-    """A budget in seconds from the environment variable ``name`` (``default`` when unset); anything but a
-    positive number exits naming the variable."""
+def env_positive(name: str, default: float, kind: type = float) -> float:
+    """A positive ``kind`` (float: a budget in seconds; int: a count) from the environment variable ``name``
+    (``default`` when unset); anything else exits naming the variable."""
     raw = os.environ.get(name)
     if raw is None:
-        return float(default)
+        return kind(default)
     try:
-        value = float(raw)
+        value = kind(raw) if kind is not int or raw.isdigit() else None  # an integer: digits only
     except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise SystemExit(f"{name}: expected a positive number of seconds, got {raw!r}")
+        value = None
+    if value is None or not value > 0:
+        raise SystemExit(f"{name}: expected a positive {'integer' if kind is int else 'number'}, got {raw!r}")
     return value
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import env_seconds, method_stepper, report, setup_threads, train_for_budget
+from bench.common import env_positive, method_stepper, report, setup_threads, train_for_budget
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 PRETRAIN_SIZE, EVAL_SIZE, OUT_SIZE, CLASSES = 64, 128, 64, 11
@@ -159,7 +159,7 @@ def run(quick: bool = False) -> None:
         print(f"# dense_camvid: {DATA} not present, skipped")
         return
     setup_threads(2)
-    budget = env_seconds("BENCH_DENSE_BUDGET_S", 30 if quick else 300)
-    neco_budget = env_seconds("BENCH_NECO_BUDGET_S", 30 if quick else 1800)
+    budget = env_positive("BENCH_DENSE_BUDGET_S", 30 if quick else 300)
+    neco_budget = env_positive("BENCH_NECO_BUDGET_S", 30 if quick else 1800)
     densecl_vs_mocov2(quick, budget)
     neco_vs_start(quick, budget, neco_budget)

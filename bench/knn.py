@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import env_seconds, report, setup_threads, train_for_budget
+from bench.common import env_positive, report, setup_threads, train_for_budget
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette224"
 SIZE, BATCH, CIFAR_STEM = 32, 128, True
@@ -159,7 +159,7 @@ def run(quick: bool = False) -> None:
         print(f"# knn: {DATA} not present, skipped")
         return
     setup_threads(2)
-    budget = env_seconds("BENCH_KNN_BUDGET_S", 30 if quick else 420)
+    budget = env_positive("BENCH_KNN_BUDGET_S", 30 if quick else 420)
     seeds = _seeds(os.environ.get("BENCH_KNN_SEED", "0"))
     per_class = 100 if quick else None
     t0 = time.perf_counter()

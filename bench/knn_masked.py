@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import env_seconds, method_stepper, report, setup_threads, train_for_budget
+from bench.common import env_positive, method_stepper, report, setup_threads, train_for_budget
 from bench.knn import DATA, _knn, _load, _pixel_features
 
 SIZE, BATCH = 32, 128
@@ -68,7 +68,7 @@ def run(quick: bool = False) -> None:
     from tasks.models.backbone import build_backbone
     from tasks.pretrain.methods import get_method
 
-    budget = env_seconds("BENCH_KNN_BUDGET_S", 30 if quick else 300)
+    budget = env_positive("BENCH_KNN_BUDGET_S", 30 if quick else 300)
     train, y_train = _load("train", 100 if quick else None)
     val, y_val = _load("val", 50 if quick else None)
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.common import AUTOCAST, interleaved_medians, median_ratio, precision_name, report, setup_threads
+from bench.common import (AUTOCAST, env_positive, interleaved_medians, median_ratio, precision_name, report,
+                          setup_threads)
 from tasks.models.backbone import build_backbone
 from tasks.pretrain.loop import build_optimizer, train_step
 
@@ -77,12 +78,10 @@ def _sizes(quick: bool) -> dict:
     # bf16 on AMX, 2 threads: MAE 3.3-4.3 s, I-JEPA 4.4-4.9 s a step at full size (ijepa alone: ~2 min);
     # 0.7-0.9 s a step each with --quick (masked --quick with MAE, I-JEPA, MixedAE: ~50 s). fp32 on an AVX2-only
     # 2-core slice: MAE ~9 s, I-JEPA ~7 s a step at full size (masked at 20 rounds: ~24 min; mixedae alone ~6 min).
-    rounds = os.environ.get("BENCH_MASKED_ROUNDS")
-    if rounds is not None and not (rounds.isdigit() and int(rounds) > 0):
-        raise SystemExit(f"BENCH_MASKED_ROUNDS: expected a positive integer, got {rounds!r}")
+    rounds = env_positive("BENCH_MASKED_ROUNDS", 12 if quick else 10, int)
     if quick:  # 8 x 8 patch grid (MixedAE needs a patch count divisible by its group of 4: 112 px has 49)
-        return dict(size=128, batch=16, rounds=int(rounds or 12), warmup=2, **common)
-    return dict(size=224, batch=32, rounds=int(rounds or 10), warmup=1, **common)
+        return dict(size=128, batch=16, rounds=rounds, warmup=2, **common)
+    return dict(size=224, batch=32, rounds=rounds, warmup=1, **common)
 
 
 # ---------------------------------------------------------------------------------------------- setup
