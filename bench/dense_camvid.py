@@ -15,9 +15,9 @@ pairs (likely why the released code has an optional lambda = 0 warm-up, METHODS.
 after 200-800 epochs. Two likely culprits tried on a second machine of the same kind (1800 s, ~500 steps each,
 same seed and init): the EMA momentum at 0.99 instead of 0.999 (at 0.999 the key encoder, whose C5 map picks
 DenseCL's positives, is still ~60 % the random init after 500 steps): MoCo v2 0.214, DenseCL 0.205 (0.955); and
-the released warm-up on top of it (lambda = 0 for the first 240 steps, then 0.5): DenseCL 0.206 (0.963) -- the
-dense half of the loss, once switched on, brought the MoCo v2 features down rather than up. The direction holds
-across 4 settings: at this scale the dense loss does not help linear segmentation of C5.
+the released warm-up on top of it (lambda = 0 for the first 240 steps, then 0.5): DenseCL 0.206 (0.963) -- MoCo v2
+for half the budget and DenseCL for the other half ended below MoCo v2 for all of it. The direction holds across
+4 settings: at this scale the dense loss does not help linear segmentation of C5.
 
 ``dense_camvid.neco_over_start``: NeCo's post-training vs its start, Hummingbird in-context mIoU on CamVid
 val (memory: every labelled patch of 2 augmented passes over CamVid train -- the open evaluation's
